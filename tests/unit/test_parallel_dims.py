@@ -1,0 +1,78 @@
+"""ParallelDims validation and the pure rank grid."""
+
+import itertools
+
+import pytest
+
+from megatron.core.parallel_state import (
+    ParallelConfigError,
+    ParallelDims,
+    RankGrid,
+    exit_stages,
+    tied_embedding_stages,
+)
+
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2), (4, 2, 1), (2, 4, 1), (1, 2, 4), (8, 1, 1)]
+
+
+@pytest.mark.parametrize("tp,pp,dp", LAYOUTS)
+def test_every_rank_once_per_axis(tp, pp, dp):
+    grid = RankGrid(ParallelDims(tp, pp, dp))
+    world = tp * pp * dp
+    for groups, size in (
+        (grid.tp_groups(), tp),
+        (grid.dp_groups(), dp),
+        (grid.pp_groups(), pp),
+        (grid.mp_groups(), tp * pp),
+    ):
+        flat = sorted(itertools.chain.from_iterable(groups))
+        assert flat == list(range(world))
+        assert all(len(g) == size for g in groups)
+
+
+@pytest.mark.parametrize("tp,pp,dp", LAYOUTS)
+def test_megatron_order(tp, pp, dp):
+    grid = RankGrid(ParallelDims(tp, pp, dp))
+    for group in grid.tp_groups():  # tp fastest: contiguous ranks
+        assert group == list(range(group[0], group[0] + tp))
+    for rank in range(tp * pp * dp):
+        t, d, p = grid.coords(rank)
+        assert grid.rank(t, d, p) == rank
+        assert rank == p * tp * dp + d * tp + t
+    for pipe in grid.pp_groups():
+        assert [grid.coords(r)[2] for r in pipe] == list(range(pp))
+
+
+def test_from_world_derives_dp():
+    dims = ParallelDims.from_world(8, tp=2, pp=2)
+    assert (dims.tp, dims.pp, dims.dp, dims.world_size) == (2, 2, 2, 8)
+
+
+@pytest.mark.parametrize(
+    "world,tp,pp,flag",
+    [(6, 4, 1, "--tensor-model-parallel-size"), (4, 1, 3, "--pipeline-model-parallel-size"), (4, 0, 1, "--tensor")],
+)
+def test_bad_sizes_name_the_flag(world, tp, pp, flag):
+    with pytest.raises(ParallelConfigError, match=flag):
+        ParallelDims.from_world(world, tp=tp, pp=pp)
+
+
+def test_vpp_needs_pipeline():
+    with pytest.raises(ParallelConfigError, match="--num-layers-per-virtual-pipeline-stage"):
+        ParallelDims(tp=1, pp=1, dp=1, vpp=2)
+    assert ParallelDims(pp=2, vpp=2).chunks == 2
+
+
+def test_exit_stages_and_tied_group():
+    # 24 layers over 4 stages; exits after 6 and 12 (stages 0, 1), pre-exits 7 and 13 (stages 1, 2)
+    assert exit_stages([6, 12], [6] * 4) == [0, 1]
+    assert exit_stages([7, 13], [6] * 4) == [1, 2]
+    assert exit_stages([13, 7], [6] * 4) == [1, 2]  # sorted whatever the input order
+    assert exit_stages([3, 4], [3, 1]) == [0, 1]  # uneven split
+    with pytest.raises(ValueError, match="--exit-layer-nums"):
+        exit_stages([25], [6] * 4)
+    assert tied_embedding_stages(4, [2, 1]) == [0, 1, 2, 3]
+    assert tied_embedding_stages(4, [2, 1], tied_exits=False) == [0, 3]
+    grid = RankGrid(ParallelDims(tp=1, pp=4, dp=4))
+    # EE-LLM's set-built group came out as [8, 0, 4, 12] here; ours is sorted.
+    assert grid.stage_groups([2, 0, 3, 1])[0] == [0, 4, 8, 12]
