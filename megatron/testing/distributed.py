@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -44,7 +45,9 @@ def _worker(fn: Callable, rank: int, world_size: int, store_path: str, timeout: 
         )
         try:
             out = fn(rank, world_size, *args, **kwargs)
-            results.put((rank, True, out))
+            # Plain pickle copies tensor data into the message; the queue's own pickler would share it
+            # through file descriptors that die with this process before the parent reads them.
+            results.put((rank, True, pickle.dumps(out)))
         finally:
             dist.destroy_process_group()
     except BaseException:  # report everything, including assertion errors, to the parent
@@ -94,7 +97,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 for r in dead:
                     failures[r] = f"worker exited with code {procs[r].exitcode} without reporting"
                 continue
-            (outputs if ok else failures)[rank] = payload
+            (outputs if ok else failures)[rank] = pickle.loads(payload) if ok else payload
             if failures:
                 # Give the others a moment to report their own errors (often the root cause), then stop.
                 time.sleep(0.2)
@@ -103,7 +106,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                         rank, ok, payload = results.get_nowait()
                     except queue.Empty:
                         break
-                    (outputs if ok else failures)[rank] = payload
+                    (outputs if ok else failures)[rank] = pickle.loads(payload) if ok else payload
                 raise DistributedTestError("distributed test failed" + _format_failures(failures))
     finally:
         for p in procs:

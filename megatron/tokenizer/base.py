@@ -1,0 +1,141 @@
+"""The tokenizer interface shared by every `--tokenizer-type`, vocabulary padding, and asset-file reading.
+
+Every tokenizer exposes `tokenize(text) -> list[int]`, `detokenize(ids) -> str`, `vocab_size` (ids the
+tokenizer can emit), `padded_vocab_size` (rows of the embedding table, set by `build_tokenizer`), and the
+special ids `eod`, `bos`, `eos`, `pad`, `cls`, `sep`, `mask` (-1 where the tokenizer has none).
+
+Asset files may be stored gzip-compressed (the bundled GPT-2 files are): a path ending in `.gz` is
+decompressed on read, and a missing `X` is read from `X.gz` when that exists, so scripts can keep passing
+Megatron's plain file names.
+"""
+
+import gzip
+from pathlib import Path
+
+
+class TokenizerArgumentError(ValueError):
+    """A tokenizer flag is missing, names a missing file, or names a file that cannot be parsed."""
+
+
+class AbstractTokenizer:
+    """Base of all tokenizers; subclasses set `name` and implement the abstract members."""
+
+    name = "abstract"
+
+    def __init__(self) -> None:
+        self._padded_vocab_size: int | None = None
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def detokenize(self, ids) -> str:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.vocab_size if self._padded_vocab_size is None else self._padded_vocab_size
+
+    @padded_vocab_size.setter
+    def padded_vocab_size(self, value: int) -> None:
+        if value < self.vocab_size:
+            raise TokenizerArgumentError(
+                f"--padded-vocab-size {value} is smaller than the {self.name} vocabulary ({self.vocab_size}); "
+                f"pass at least {self.vocab_size} or drop the flag"
+            )
+        self._padded_vocab_size = int(value)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        raise NotImplementedError(f"{self.name} has no string vocabulary")
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        raise NotImplementedError(f"{self.name} has no string vocabulary")
+
+    @property
+    def eod(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def bos(self) -> int:
+        return -1
+
+    @property
+    def eos(self) -> int:
+        return -1
+
+    @property
+    def pad(self) -> int:
+        return -1
+
+    @property
+    def cls(self) -> int:
+        return -1
+
+    @property
+    def sep(self) -> int:
+        return -1
+
+    @property
+    def mask(self) -> int:
+        return -1
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, padded_vocab_size={self.padded_vocab_size})"
+
+
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tp: int = 1,
+                      padded: int | None = None) -> int:
+    """Rows of the (vocab-parallel) embedding: `padded` if given, else the smallest multiple of
+    make_vocab_size_divisible_by * tp that is >= vocab_size (Megatron's rule, so checkpoints line up)."""
+    if tp < 1:
+        raise TokenizerArgumentError(f"tensor-parallel size must be >= 1, got {tp}")
+    if padded is not None:
+        if padded < vocab_size:
+            raise TokenizerArgumentError(
+                f"--padded-vocab-size {padded} is smaller than the vocabulary ({vocab_size}); "
+                f"pass at least {vocab_size} or drop the flag")
+        if padded % tp:
+            raise TokenizerArgumentError(
+                f"--padded-vocab-size {padded} is not divisible by the tensor-parallel size {tp}; "
+                "the embedding rows are split evenly across tensor-parallel ranks")
+        return int(padded)
+    if make_vocab_size_divisible_by < 1:
+        raise TokenizerArgumentError(
+            f"--make-vocab-size-divisible-by must be >= 1, got {make_vocab_size_divisible_by}")
+    multiple = make_vocab_size_divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def resolve_asset(path, flag: str, what: str) -> Path:
+    """The file to read for `flag`: `path` itself, or `path.gz` when only the compressed copy exists."""
+    if path is None or str(path) == "":
+        raise TokenizerArgumentError(f"{flag} is required: pass {what}")
+    p = Path(path)
+    if p.is_file():
+        return p
+    gz = p.with_name(p.name + ".gz")
+    if p.suffix != ".gz" and gz.is_file():
+        return gz
+    raise TokenizerArgumentError(f"{flag}: no such file {str(p)!r} (expected {what})")
+
+
+def read_asset_bytes(path, flag: str, what: str) -> bytes:
+    p = resolve_asset(path, flag, what)
+    try:
+        data = p.read_bytes()
+        return gzip.decompress(data) if p.suffix == ".gz" else data
+    except (OSError, EOFError) as err:
+        raise TokenizerArgumentError(f"{flag}: cannot read {str(p)!r}: {err}") from err
+
+
+def read_asset_text(path, flag: str, what: str) -> str:
+    data = read_asset_bytes(path, flag, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TokenizerArgumentError(f"{flag}: {str(path)!r} is not UTF-8 text (expected {what})") from err
