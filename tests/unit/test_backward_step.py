@@ -1,0 +1,58 @@
+"""backward_step: exit losses and the received gradient in one autograd call, loss scale on both."""
+
+import pytest
+import torch
+
+from megatron.core.pipeline_parallel.backward import backward_step
+
+
+def _stages():
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+
+
+def _losses(a, b, head, x, w_exit):
+    h1 = torch.tanh(a(x))
+    exit1 = head(h1).square().mean()  # an exit on stage 0
+    h2 = torch.tanh(b(h1))
+    exit2 = h2.sum() * 0.1  # an exit on the last stage
+    final = head(h2).square().mean()
+    return final + w_exit * (exit1 + exit2)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1024.0])
+def test_split_equals_serial(scale):
+    x = torch.randn(3, 4)
+    a, b, head = _stages()
+    _losses(a, b, head, x, 0.3).backward()
+    want = [p.grad.clone() for p in (*a.parameters(), *b.parameters(), *head.parameters())]
+    for p in (*a.parameters(), *b.parameters(), *head.parameters()):
+        p.grad = None
+
+    # stage 0 forward
+    h1 = torch.tanh(a(x))
+    exit1 = 0.3 * head(h1).square().mean()
+    # stage 1 forward on a detached leaf, as the runtime receives it
+    h1_in = h1.detach().requires_grad_()
+    h2 = torch.tanh(b(h1_in))
+    exit2 = 0.3 * h2.sum() * 0.1
+    final = head(h2).square().mean()
+    g = backward_step(final, None, exit2, loss_scale=scale, input_tensor=h1_in)
+    backward_step(h1, g, exit1, loss_scale=scale)
+    got = [p.grad / scale for p in (*a.parameters(), *b.parameters(), *head.parameters())]
+    for gw, ww in zip(got, want):
+        torch.testing.assert_close(gw, ww, rtol=1e-5, atol=1e-6)
+
+
+def test_exit_only_backward_sends_zeros_upstream():
+    x = torch.randn(2, 4).requires_grad_()
+    lin = torch.nn.Linear(4, 4)
+    exit_loss = lin.weight.sum()  # does not depend on the input
+    g = backward_step(None, None, exit_loss, input_tensor=x)
+    assert torch.equal(g, torch.zeros_like(x))
+    assert lin.weight.grad is not None
+
+
+def test_hidden_output_needs_a_gradient():
+    with pytest.raises(ValueError, match="gradient received"):
+        backward_step(torch.ones(2, 3, requires_grad=True), None, None)
