@@ -29,7 +29,7 @@ from .mappings import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from .utils import divide, shard_tensor, vocab_range
+from .utils import divide, shard_tensor, unshard_tensors, vocab_range
 
 __all__ = [
     "ColumnParallelLinear",
@@ -83,6 +83,7 @@ class ColumnParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.group = state.tp_group
         self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
+        self.tp, self.stride = state.tp, stride
         self.sequence_parallel = sequence_parallel and state.tp > 1
         self.output_size_per_partition = divide(output_size, state.tp, "output_size / --tensor-model-parallel-size")
         self.weight = _sharded_param((output_size, input_size), 0, state, init_method, stride, params_dtype)
@@ -105,6 +106,9 @@ class ColumnParallelLinear(nn.Module):
         out = F.linear(x, weight, None if self.skip_bias_add else self.bias)
         if self.gather_output:
             out = gather_from_tensor_model_parallel_region(out, self.group)
+            if self.stride > 1:
+                # The gather concatenates whole shards; restore the full layout of the strided blocks.
+                out = unshard_tensors(out.chunk(self.tp, dim=-1), -1, self.stride)
         return out, (self.bias if self.skip_bias_add else None)
 
     def extra_repr(self) -> str:

@@ -62,12 +62,14 @@ class RNGStatesTracker:
             raise ValueError(f"RNG stream {name!r} already exists")
         if seed in self._seeds:
             raise ValueError(f"seed {seed} already used by another RNG stream; streams must differ")
-        saved = _get_default_states()
-        try:
-            torch.manual_seed(seed)
-            self._states[name] = _get_default_states()
-        finally:
-            _set_default_states(saved)
+        states = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+        if _cuda_in_use():
+            # Seed only the current device, then put its state back: other streams must not move.
+            saved = torch.cuda.get_rng_state()
+            torch.cuda.manual_seed(seed)
+            states["cuda"] = torch.cuda.get_rng_state()
+            torch.cuda.set_rng_state(saved)
+        self._states[name] = states
         self._seeds.add(seed)
 
     def get_states(self) -> dict[str, dict[str, torch.Tensor]]:
