@@ -21,6 +21,9 @@ class AbstractTokenizer:
     """Base of all tokenizers; subclasses set `name` and implement the abstract members."""
 
     name = "abstract"
+    _eod = _bos = _eos = _pad = _cls = _sep = _mask = -1
+    _vocab: dict[str, int] | None = None
+    _inv_vocab: dict[int, str] | None = None
 
     def __init__(self) -> None:
         self._padded_vocab_size: int | None = None
@@ -41,48 +44,28 @@ class AbstractTokenizer:
 
     @padded_vocab_size.setter
     def padded_vocab_size(self, value: int) -> None:
-        if value < self.vocab_size:
-            raise TokenizerArgumentError(
-                f"--padded-vocab-size {value} is smaller than the {self.name} vocabulary ({self.vocab_size}); "
-                f"pass at least {self.vocab_size} or drop the flag"
-            )
-        self._padded_vocab_size = int(value)
+        self._padded_vocab_size = padded_vocab_size(self.vocab_size, padded=value)
 
     @property
     def vocab(self) -> dict[str, int]:
-        raise NotImplementedError(f"{self.name} has no string vocabulary")
+        if self._vocab is None:
+            raise NotImplementedError(f"{self.name} has no string vocabulary")
+        return self._vocab
 
     @property
     def inv_vocab(self) -> dict[int, str]:
-        raise NotImplementedError(f"{self.name} has no string vocabulary")
+        if self._inv_vocab is None:
+            raise NotImplementedError(f"{self.name} has no string vocabulary")
+        return self._inv_vocab
 
-    @property
-    def eod(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def bos(self) -> int:
-        return -1
-
-    @property
-    def eos(self) -> int:
-        return -1
-
-    @property
-    def pad(self) -> int:
-        return -1
-
-    @property
-    def cls(self) -> int:
-        return -1
-
-    @property
-    def sep(self) -> int:
-        return -1
-
-    @property
-    def mask(self) -> int:
-        return -1
+    # Special ids: subclasses assign the underscored attributes; -1 means the tokenizer has no such token.
+    eod = property(lambda self: self._eod)
+    bos = property(lambda self: self._bos)
+    eos = property(lambda self: self._eos)
+    pad = property(lambda self: self._pad)
+    cls = property(lambda self: self._cls)
+    sep = property(lambda self: self._sep)
+    mask = property(lambda self: self._mask)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, padded_vocab_size={self.padded_vocab_size})"
