@@ -162,11 +162,15 @@ class GradBuffers:
         else:
             bucket.handle = dist.all_reduce(bucket.view, group=self.dp_group, async_op=True)
 
-    def finish_grad_sync(self) -> None:
-        """Launch every bucket not yet launched and wait for all; ``main_grad`` then holds the dp-mean."""
+    def launch_remaining(self) -> None:
+        """Start the reduction of every bucket not started yet (the chunk's backward is complete)."""
         for bucket in self.buckets:
             if bucket.handle is None:
                 self._launch(bucket)
+
+    def finish_grad_sync(self) -> None:
+        """Launch every bucket not yet launched and wait for all; ``main_grad`` then holds the dp-mean."""
+        self.launch_remaining()
         for bucket in self.buckets:
             if bucket.handle is not _DONE:
                 bucket.handle.wait()

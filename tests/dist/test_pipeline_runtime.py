@@ -1,0 +1,142 @@
+"""The schedule runtime on a toy chain model: every schedule's gradients equal one process doing the
+same work (the global plan's routes), for pp in {2, 4}, vpp 2, dp 2, bubble filling and EE-Tuning.
+
+The toy model is a chain of positions (one per (stage, chunk)); position k computes tanh(W_k x); some
+positions carry an exit head (loss mean((E_k h)^2)); the last position carries the final head. It has
+exactly the structure the runtime sees from a real model, with none of its cost.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron.core.distributed.grad_buffer import GradBuffers
+from megatron.core.parallel_state import ParallelDims, ParallelState
+from megatron.core.pipeline_parallel.p2p import PipelineP2P
+from megatron.core.pipeline_parallel.runtime import run_schedule
+from megatron.core.pipeline_parallel.schedules import (
+    early_exit_bubble_filling,
+    ee_tuning_stream,
+    forward_only,
+    interleaved_one_f_one_b,
+    no_pipelining,
+    one_f_one_b,
+)
+from megatron.testing.distributed import run_distributed
+
+H, S, B = 4, 3, 2
+EXIT_WEIGHT = {1: 0.5, 2: 0.25}  # exit "layer" number = position + 1
+
+
+class Chain(torch.nn.Module):
+    """Positions ``0..P-1``; exits at the given positions; final head on P-1."""
+
+    def __init__(self, positions, exit_positions):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.w = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(H, H, generator=g) * 0.5) for _ in range(positions))
+        self.e = torch.nn.ParameterDict(
+            {str(p): torch.nn.Parameter(torch.randn(H, H, generator=g) * 0.5) for p in range(positions)}
+        )
+        self.final = torch.nn.Parameter(torch.randn(H, H, generator=g) * 0.5)
+        self.exit_positions = set(exit_positions)
+        self.positions = positions
+
+    def block(self, p, x):
+        h = torch.tanh(x @ self.w[p].T)
+        exits = {p + 1: (h @ self.e[str(p)].T).square().mean()} if p in self.exit_positions else {}
+        return h, exits
+
+    def params_of(self, p):
+        out = [self.w[p]]
+        if p in self.exit_positions:
+            out.append(self.e[str(p)])
+        if p == self.positions - 1:
+            out.append(self.final)
+        return out
+
+
+def data(dp_rank, mb):
+    return torch.randn(S, B, H, generator=torch.Generator().manual_seed(1000 * dp_rank + mb))
+
+
+def reference_grads(schedule, dp, exit_positions):
+    """One process doing the plan: per route, losses of the positions that back-propagate, inputs
+    detached where the plan does not chain the gradient."""
+    header = schedule.header
+    model = Chain(header.num_positions, exit_positions)
+    last = header.num_positions - 1
+    for r in range(dp):
+        for route in header.routes:
+            x = data(r, route.mb)
+            loss = 0.0
+            for p in range(route.fwd_last + 1):
+                chained = route.chained and p in route.bwd and (p - 1) in route.bwd
+                x, exits = model.block(p, x if chained else x.detach())
+                if p in route.bwd:
+                    loss = loss + sum(EXIT_WEIGHT.get(k, 1.0) * v for k, v in exits.items())
+            if route.final_loss and route.fwd_last == last and last in route.bwd:
+                loss = loss + (x @ model.final.T).square().mean()
+            if torch.is_tensor(loss):
+                (loss / (header.num_microbatches * dp)).backward()
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def _run(rank, world, make_schedule, pp, exit_positions):
+    state = ParallelState.build(ParallelDims.from_world(world, pp=pp))
+    schedule = make_schedule()
+    header = schedule.header
+    model = Chain(header.num_positions, exit_positions)
+    stage = state.pp_rank
+    mine = {c: header.position(stage, c) for c in range(header.vpp)}
+    buffers = [GradBuffers(model.params_of(mine[c]), state.dp_group, state.dp) for c in range(header.vpp)]
+
+    def forward_step(chunk, mb, x):
+        p = mine[chunk]
+        if p == 0:
+            x = data(state.dp_rank, mb)
+        h, exits = model.block(p, x)
+        out = (h @ model.final.T).square().mean() if p == header.num_positions - 1 else h
+        return SimpleNamespace(output=out, exit_losses=exits)
+
+    losses = run_schedule(schedule, stage, forward_step, comm=PipelineP2P(state), tensor_shape=(S, B, H),
+                          dtype=torch.float32, exit_weights=EXIT_WEIGHT, grad_buffers=buffers)
+    for b in buffers:
+        b.finish_grad_sync()
+    names = {id(p): n for n, p in model.named_parameters()}
+    grads = {names[id(p)]: p.main_grad.clone() for c in mine for p in model.params_of(mine[c])}
+    return grads, losses.mean()
+
+
+CASES = {
+    "no_pipelining": (lambda: no_pipelining(3), 1, [0]),
+    "1f1b_pp2": (lambda: one_f_one_b(2, 4), 2, [0, 1]),
+    "1f1b_pp4": (lambda: one_f_one_b(4, 5), 4, [1, 2]),
+    "interleaved_pp2_vpp2": (lambda: interleaved_one_f_one_b(2, 2, 4), 2, [0, 2]),
+    "filling_pp4": (lambda: early_exit_bubble_filling(4, 8, [0, 1], 2, 2, 2.0), 4, [0, 1]),
+    "tuning_pp4": (lambda: ee_tuning_stream(4, 4, [1, 2]), 4, [1, 2]),
+}
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_runtime_equals_serial_plan(case, dp):
+    make, pp, exits = CASES[case]
+    schedule = make()
+    if case == "filling_pp4":
+        assert schedule.header.fill_warmup and schedule.header.fill_cooldown, "the plan placed no fills"
+    want = reference_grads(schedule, dp, exits)
+    got = {}
+    for grads, _ in run_distributed(_run, pp * dp, make, pp, exits):
+        got.update(grads)
+    assert got, "no gradients came back"
+    for name, g in got.items():
+        torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7, msg=f"{case}: {name}")
+
+
+def test_forward_only_reports_every_loss():
+    make = lambda: forward_only(2, 3)  # noqa: E731
+    results = run_distributed(_run, 2, make, 2, [0, 1])
+    assert set(results[0][1]) == {"early loss [1]"}
+    assert set(results[1][1]) == {"early loss [2]", "lm loss"}
