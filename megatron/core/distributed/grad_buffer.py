@@ -38,6 +38,7 @@ class Bucket:
     ready: set[int] = field(default_factory=set)  # ids of params whose grad arrived since sync was enabled
     handle: object | None = None
     scratch: torch.Tensor | None = None  # reduce-scatter output, copied into the buffer on wait
+    late: bool = False  # started only by finish_grad_sync (see GradBuffers' late_params)
 
     @property
     def view(self) -> torch.Tensor:
@@ -60,6 +61,10 @@ class GradBuffers:
         bucket_size: elements per bucket (a bucket always holds whole parameters).
         overlap: start a bucket's collective from the backward hooks as soon as it is complete.
         reduce_scatter: reduce-scatter instead of all-reduce (distributed optimizer).
+        late_params: parameters whose gradients need another reduction first (tied copies summed over
+            pipeline stages, sequence-parallel parameters summed over tp). They get buckets of their own
+            that only :meth:`finish_grad_sync` starts, after the caller has done those reductions: a
+            reduce-scatter leaves each rank a different shard, so nothing element-wise may follow it.
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class GradBuffers:
         bucket_size: int = 40_000_000,
         overlap: bool = True,
         reduce_scatter: bool = False,
+        late_params: Iterable[torch.nn.Parameter] = (),
     ) -> None:
         self.dp_group, self.dp = dp_group, dp
         self.overlap, self.reduce_scatter = overlap, reduce_scatter
@@ -80,16 +86,19 @@ class GradBuffers:
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[int, Bucket] = {}
         self._hooks = []
-        self._build(grad_dtype, bucket_size)
+        late = {id(p) for p in late_params}
+        self._build(grad_dtype, bucket_size, late)
 
     # ------------------------------------------------------------------ layout
-    def _build(self, grad_dtype: torch.dtype | None, bucket_size: int) -> None:
+    def _build(self, grad_dtype: torch.dtype | None, bucket_size: int, late: set[int]) -> None:
         by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
         for p in reversed(self.params):
             by_dtype.setdefault(grad_dtype or p.dtype, []).append(p)
         for dtype, params in by_dtype.items():
             groups, current, size = [], [], 0
             for p in params:
+                if id(p) in late:
+                    continue
                 current.append(p)
                 size += p.numel()
                 if size >= bucket_size:
@@ -97,6 +106,9 @@ class GradBuffers:
                     current, size = [], 0
             if current:
                 groups.append(current)
+            late_group = [p for p in params if id(p) in late]
+            if late_group:
+                groups.append(late_group)
             # Each bucket is padded to a multiple of dp so that it splits into equal reduce-scatter shards.
             spans, offset = [], 0
             for group in groups:
@@ -110,12 +122,12 @@ class GradBuffers:
                 for p in group:
                     p.main_grad = buffer[pos:pos + p.numel()].view_as(p)
                     pos += p.numel()
-                self._add_bucket(buffer, start, end, group)
+                self._add_bucket(buffer, start, end, group, late=group is late_group)
         for p in self.params:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
-    def _add_bucket(self, buffer, start, end, params) -> None:
-        bucket = Bucket(buffer, start, end, list(params))
+    def _add_bucket(self, buffer, start, end, params, late: bool = False) -> None:
+        bucket = Bucket(buffer, start, end, list(params), late=late)
         self.buckets.append(bucket)
         for p in params:
             self._bucket_of[id(p)] = bucket
@@ -133,7 +145,7 @@ class GradBuffers:
                 "only for the last backward of each parameter in a step"
             )
         bucket.ready.add(id(param))
-        if self.overlap and len(bucket.ready) == len(bucket.params):
+        if self.overlap and not bucket.late and len(bucket.ready) == len(bucket.params):
             self._launch(bucket)
 
     def zero_grad(self) -> None:
@@ -163,14 +175,18 @@ class GradBuffers:
             bucket.handle = dist.all_reduce(bucket.view, group=self.dp_group, async_op=True)
 
     def launch_remaining(self) -> None:
-        """Start the reduction of every bucket not started yet (the chunk's backward is complete)."""
+        """Start the reduction of every bucket not started yet (the chunk's backward is complete),
+        except the late buckets."""
         for bucket in self.buckets:
-            if bucket.handle is None:
+            if bucket.handle is None and not bucket.late:
                 self._launch(bucket)
 
     def finish_grad_sync(self) -> None:
-        """Launch every bucket not yet launched and wait for all; ``main_grad`` then holds the dp-mean."""
-        self.launch_remaining()
+        """Launch every bucket not yet launched (late ones included) and wait for all; ``main_grad`` then
+        holds the dp-mean (with reduce-scatter: on this rank's shard of each bucket)."""
+        for bucket in self.buckets:
+            if bucket.handle is None:
+                self._launch(bucket)
         for bucket in self.buckets:
             if bucket.handle is not _DONE:
                 bucket.handle.wait()

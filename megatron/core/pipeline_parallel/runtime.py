@@ -74,7 +74,6 @@ def run_schedule(
     exit_weights: Mapping[int, float] | None = None,
     loss_scale: float | torch.Tensor | None = None,
     grad_buffers: Sequence | None = None,
-    device: torch.device | str = "cpu",
 ) -> StepLosses:
     """Run ``stage``'s actions of ``schedule``.
 
