@@ -126,6 +126,7 @@ def worker(rank, world, tp, pp, vpp, arch, exits, sp, opts, m, tune):
     return grads, losses.mean(), state.dp_rank, state.tp_rank
 
 
+# Every (tp, pp, dp) from {1, 2, 4} with tp * pp * dp <= 8, plus virtual pipelines.
 LAYOUTS = [  # (tp, pp, dp, vpp, arch, exits, sequence parallel)
     (1, 1, 1, 1, "gpt", "tied", False),
     (1, 2, 1, 1, "gpt", "tied", False),
@@ -138,6 +139,12 @@ LAYOUTS = [  # (tp, pp, dp, vpp, arch, exits, sequence parallel)
     (1, 4, 2, 1, "llama", "tied", False),
     (2, 1, 2, 1, "llama", "pre", True),
     (1, 1, 4, 1, "gpt", "untied", False),
+    (1, 1, 2, 1, "llama", "tied", False),
+    (2, 1, 1, 1, "gpt", "pre", True),
+    (4, 1, 1, 1, "gpt", "untied", True),
+    (4, 1, 2, 1, "gpt", "tied", False),
+    (2, 1, 4, 1, "gpt", "untied", True),
+    (1, 2, 4, 1, "llama", "pre", False),
     (1, 2, 1, 2, "gpt", "tied", False),
     (2, 2, 1, 2, "llama", "untied", False),
 ]
