@@ -1,0 +1,147 @@
+"""Megatron's checkpoint directory layout, the tracker file, atomic writes and guarded reads.
+
+Layout (reference 6.2)::
+
+    <dir>/latest_checkpointed_iteration.txt         the iteration number, or ``release``
+    <dir>/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt
+    <dir>/iter_0000100/mp_rank_TT[_PPP]/distrib_optim.pt   (--use-distributed-optimizer)
+    <dir>/release/...                                converted checkpoints
+
+``_PPP`` appears whenever the *full* pipeline size is above 1, also in an EE-Tuning run that builds fewer
+stages (EE-LLM's ``has_pipeline_parallel``). Every file is written to a temporary name in its final
+directory, flushed to disk and renamed over the target (``os.replace`` is atomic on POSIX), so a reader
+sees either the old file or the complete new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointError", "TRACKER_FILE", "MODEL_FILE", "DISTRIB_OPTIM_FILE", "iteration_dir", "rank_dir",
+    "checkpoint_file", "read_tracker", "write_tracker", "atomic_save", "read_file", "saved_mp_ranks",
+    "list_iterations",
+]
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "model_optim_rng.pt"
+DISTRIB_OPTIM_FILE = "distrib_optim.pt"
+RELEASE = "release"
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file or flag and the fix."""
+
+
+def iteration_dir(root: str, iteration: int, release: bool = False) -> str:
+    return os.path.join(root, RELEASE if release else f"iter_{iteration:07d}")
+
+
+def rank_dir(root: str, iteration: int, tp_rank: int, pp_rank: int, full_pp: int, release: bool = False) -> str:
+    """``iter_XXXXXXX/mp_rank_TT[_PPP]``; the ``_PPP`` suffix whenever ``full_pp > 1``."""
+    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if full_pp > 1 else "")
+    return os.path.join(iteration_dir(root, iteration, release), name)
+
+
+def checkpoint_file(root: str, iteration: int, tp_rank: int, pp_rank: int, full_pp: int,
+                    release: bool = False, filename: str = MODEL_FILE) -> str:
+    return os.path.join(rank_dir(root, iteration, tp_rank, pp_rank, full_pp, release), filename)
+
+
+def read_tracker(root: str) -> tuple[int, bool] | None:
+    """``(iteration, release)`` from the tracker file, or ``None`` when there is none."""
+    path = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    if text == RELEASE:
+        return 0, True
+    try:
+        iteration = int(text)
+    except ValueError:
+        iteration = -1
+    if iteration < 0:
+        raise CheckpointError(f"{path} holds {text!r}, not an iteration number or 'release'; fix or delete the file, "
+                              "or choose the checkpoint with --load-iteration N")
+    return iteration, False
+
+
+def _atomic_write(path: str, write) -> None:
+    """``write(fileobj)`` into a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Persist the rename itself (the directory entry), so a power loss cannot undo it."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` that leaves either the old ``path`` or the complete new one."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_tracker(root: str, iteration: int | str) -> None:
+    _atomic_write(os.path.join(root, TRACKER_FILE), lambda f: f.write(f"{iteration}\n".encode()))
+
+
+def read_file(path: str) -> dict:
+    """``torch.load`` of one of our checkpoint files onto the CPU, with an error naming a missing, truncated
+    or corrupt file. ``weights_only=False``: the files hold an ``argparse.Namespace`` and numpy RNG state,
+    and are trusted as the user's own checkpoints."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # zip / pickle / EOF errors all mean the same thing to the user
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({type(e).__name__}: {e}); "
+                              "load an earlier iteration with --load-iteration N") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint file {path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def saved_mp_ranks(root: str, iteration: int, release: bool = False) -> tuple[int, int | None] | None:
+    """``(tp, pp)`` implied by the ``mp_rank_*`` directory names of an iteration (pp ``None`` without the
+    ``_PPP`` suffix), or ``None`` when there are none. A partial EE-Tuning save holds fewer stages, so pp is
+    only a lower bound; callers prefer the ``args`` stored in a file."""
+    directory = iteration_dir(root, iteration, release)
+    if not os.path.isdir(directory):
+        return None
+    matches = [m for m in (_RANK_DIR.match(n) for n in os.listdir(directory)) if m]
+    if not matches:
+        return None
+    tp = 1 + max(int(m.group(1)) for m in matches)
+    pps = [int(m.group(2)) for m in matches if m.group(2) is not None]
+    return tp, (1 + max(pps)) if pps else None
+
+
+def list_iterations(root: str) -> list[int]:
+    """Iterations with an ``iter_*`` directory (for error messages)."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(n[5:]) for n in os.listdir(root) if re.fullmatch(r"iter_\d{7}", n))
