@@ -1,6 +1,7 @@
 """EarlyExitGPTModel under tensor parallelism (gloo): logits, final loss, every exit loss and every
 gradient (shards gathered) equal the tp=1 model built from the same seed, for each exit-head variant,
-tied / untied, pre / post, dynamic weights, with and without sequence parallelism. Also the tied-copy
+tied / untied, pre / post, dynamic weights, with and without sequence parallelism and recompute; KV-cached
+decoding under tp equals the full forward. Also the tied-copy
 gradient sum over a real stage group (tp=1, pp=2, hidden state sent between the two processes)."""
 
 import pytest
@@ -10,6 +11,7 @@ import torch.distributed as dist
 from megatron.config import EarlyExitConfig, ModelConfig
 from megatron.core.parallel_state import ParallelDims, ParallelState
 from megatron.core.tensor_parallel import allreduce_sequence_parallel_grads, unshard_tensors
+from megatron.core.transformer import InferenceParams
 from megatron.model import EarlyExitGPTModel
 from megatron.testing.distributed import run_distributed
 
@@ -37,8 +39,12 @@ def _cases():
             yield arch, i, (i + (arch == "llama")) % 2 == 0
 
 
+RECOMPUTE = [dict(), dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2),
+             dict(recompute_granularity="selective")]
+
+
 def _configs(arch, i, sp):
-    c = ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=8, vocab_size=100,
+    c = ModelConfig(**RECOMPUTE[i % 3], num_layers=3, hidden_size=32, num_attention_heads=8, vocab_size=100,
                     make_vocab_size_divisible_by=32, seq_length=8, hidden_dropout=0.0, attention_dropout=0.0,
                     sequence_parallel=sp, seed=3, **ARCHS[arch])
     variant = dict(EE_VARIANTS[i])
@@ -52,9 +58,8 @@ def _data():
     return ids[:, :-1], ids[:, 1:]
 
 
-def _full(t, state, group_gather=True):
-    """Rank-0 view of a (possibly tp-sharded) parameter or gradient."""
-    param, value = t
+def _full(param, value, state):
+    """The whole tensor of a (possibly tp-sharded) parameter's ``value`` (its data or its gradient)."""
     if not getattr(param, "tensor_model_parallel", False) or state.tp == 1:
         return value.detach().clone()
     parts = [torch.empty_like(value) for _ in range(state.tp)]
@@ -83,11 +88,20 @@ def _run_case(state, arch, i, sp):
     out = m(ids, labels=labels)
     loss = out.output.mean() + sum(w * out.exit_losses[k].mean() for k, w in zip(ee.exit_layer_nums, WEIGHTS))
     loss.backward()
-    pass
-    params = {k: _full((p, p), state) for k, p in m.named_parameters()}
-    grads = {k: _full((p, p.grad), state) for k, p in m.named_parameters()}
+    allreduce_sequence_parallel_grads(m, state)
+    cached = {}
+    if not c.sequence_parallel:  # KV-cached decoding under tp: prompt of 5, then 3 single tokens
+        m.eval()
+        ip = InferenceParams(2, 8)
+        for start, end in ((0, 5), (5, 6), (6, 7), (7, 8)):
+            inf = m.infer(ids[:, start:end], inference_params=ip, evaluate_exits=True, num_last=1)
+            cached[end] = (inf.logits, inf.exit_logits)
+            ip.sequence_len_offset = end
+    params = {k: _full(p, p, state) for k, p in m.named_parameters()}
+    grads = {k: _full(p, p.grad, state) for k, p in m.named_parameters()}
     return dict(logits=logits, exit_logits=exit_logits, final=out.output.detach(),
-                exits={k: v.detach() for k, v in out.exit_losses.items()}, params=params, grads=grads)
+                exits={k: v.detach() for k, v in out.exit_losses.items()}, params=params, grads=grads,
+                cached=cached)
 
 
 def _tp_worker(rank, world):
@@ -104,6 +118,10 @@ def _compare(got, ref, case):
     for k in ref["exits"]:
         torch.testing.assert_close(got["exits"][k], ref["exits"][k], rtol=1e-5, atol=1e-6, msg=msg)
         torch.testing.assert_close(got["exit_logits"][k], ref["exit_logits"][k], rtol=1e-5, atol=1e-5, msg=msg)
+    for end, (logits, exit_logits) in got["cached"].items():
+        torch.testing.assert_close(logits, got["logits"][:, end - 1:end], rtol=1e-5, atol=1e-5, msg=msg)
+        for k, v in exit_logits.items():
+            torch.testing.assert_close(v, got["exit_logits"][k][:, end - 1:end], rtol=1e-5, atol=1e-5, msg=msg)
     assert got["params"].keys() == ref["params"].keys()
     for k in ref["params"]:
         assert torch.equal(got["params"][k], ref["params"][k]), f"{msg}: init of {k}"

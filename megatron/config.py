@@ -1,0 +1,280 @@
+"""Typed configuration sections and their validation.
+
+Field names are Megatron / EE-LLM ``args`` attribute names so that checkpoints' ``args`` and launch
+scripts map one to one. ``validate`` methods raise :class:`ConfigError` whose message names the
+command-line flag and the fix; they run before any process group or tensor is built.
+
+Sections owned here so far: :class:`ModelConfig` (the transformer) and :class:`EarlyExitConfig` (the
+exits). Later issues add optimizer / data / training sections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+__all__ = ["ConfigError", "ModelConfig", "EarlyExitConfig", "validate_all"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the flag and how to fix it."""
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """The GPT / Llama transformer (Megatron flag names; defaults as Megatron / EE-LLM)."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # None: multi-head attention (one kv head per query head)
+    ffn_hidden_size: int | None = None  # None: 4h, or int(8h/3/64)*64 with swiglu
+    kv_channels: int | None = None  # None: hidden_size / num_attention_heads
+    seq_length: int = 16
+    max_position_embeddings: int | None = None  # None: seq_length
+    vocab_size: int = 128
+    padded_vocab_size: int | None = None  # None: padded with make_vocab_size_divisible_by * tp
+    make_vocab_size_divisible_by: int = 128
+    normalization: str = "LayerNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    position_embedding_type: str = "learned_absolute"
+    rotary_percent: float = 1.0
+    rotary_base: int = 10000
+    add_bias_linear: bool = True
+    attention_dropout: float = 0.1
+    hidden_dropout: float = 0.1
+    # Megatron divides scores by the layer number before an fp16 softmax and multiplies back inside it;
+    # in exact arithmetic the result is unchanged and SDPA's softmax accumulates in fp32, so the flag
+    # is accepted for compatibility and changes no numbers.
+    apply_query_key_layer_scaling: bool = False
+    untie_embeddings_and_output_weights: bool = False
+    init_method_std: float = 0.02
+    sequence_parallel: bool = False
+    recompute_granularity: str | None = None  # None | "full" | "selective"
+    recompute_method: str | None = None  # "uniform" | "block" (full recompute only)
+    recompute_num_layers: int | None = None
+    use_flash_attn: bool = False
+    params_dtype: torch.dtype = torch.float32
+    seed: int = 1234
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.swiglu:
+            return int(8 * self.hidden_size / 3 / 64) * 64
+        return 4 * self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_percent)
+
+    def padded_vocab(self, tp: int) -> int:
+        from megatron.core.tensor_parallel.utils import pad_vocab_size
+
+        try:
+            return pad_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp, self.padded_vocab_size)
+        except ValueError as e:
+            raise ConfigError(f"{e} (--padded-vocab-size / --make-vocab-size-divisible-by)") from None
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, tp: int = 1) -> "ModelConfig":
+        """Check the model against itself and the tensor-parallel size; return self."""
+        for flag, value in (
+            ("--num-layers", self.num_layers),
+            ("--hidden-size", self.hidden_size),
+            ("--num-attention-heads", self.num_attention_heads),
+            ("--seq-length", self.seq_length),
+            ("--vocab-size", self.vocab_size),
+        ):
+            _require(isinstance(value, int) and value >= 1, f"{flag} must be a positive integer, got {value!r}")
+        self._validate_attention(tp)
+        self._validate_choices()
+        _require(self.ffn_size >= 1, f"--ffn-hidden-size resolved to {self.ffn_size}; set it explicitly (> 0)")
+        _require(self.ffn_size % tp == 0, f"--ffn-hidden-size ({self.ffn_size}) must be divisible by tp ({tp})")
+        for flag, p in (("--attention-dropout", self.attention_dropout), ("--hidden-dropout", self.hidden_dropout)):
+            _require(0.0 <= p < 1.0, f"{flag} must lie in [0, 1), got {p}")
+        _require(self.norm_epsilon > 0, f"--norm-epsilon must be positive, got {self.norm_epsilon}")
+        _require(self.init_method_std > 0, f"--init-method-std must be positive, got {self.init_method_std}")
+        if self.position_embedding_type == "learned_absolute":
+            _require(
+                self.seq_length <= self.max_positions,
+                f"--seq-length ({self.seq_length}) exceeds --max-position-embeddings ({self.max_positions})",
+            )
+        if self.sequence_parallel:
+            _require(
+                self.seq_length % tp == 0,
+                f"--sequence-parallel needs --seq-length ({self.seq_length}) divisible by tp ({tp})",
+            )
+        self.padded_vocab(tp)
+        self._validate_recompute()
+        return self
+
+    def _validate_attention(self, tp: int) -> None:
+        heads, groups = self.num_attention_heads, self.query_groups
+        _require(
+            heads % tp == 0,
+            f"--num-attention-heads ({heads}) must be divisible by --tensor-model-parallel-size ({tp})",
+        )
+        _require(
+            groups >= 1 and heads % groups == 0,
+            f"--num-query-groups ({groups}) must divide --num-attention-heads ({heads})",
+        )
+        _require(
+            groups % tp == 0,
+            f"--num-query-groups ({groups}) must be divisible by --tensor-model-parallel-size ({tp}); "
+            "lower tp or use more query groups",
+        )
+        if self.kv_channels is None:
+            _require(
+                self.hidden_size % heads == 0,
+                f"--hidden-size ({self.hidden_size}) must be divisible by --num-attention-heads ({heads}) "
+                "unless --kv-channels is given",
+            )
+        _require(self.head_dim >= 1, f"--kv-channels must be positive, got {self.kv_channels}")
+
+    def _validate_choices(self) -> None:
+        _require(
+            self.normalization in ("LayerNorm", "RMSNorm"),
+            f"--normalization must be LayerNorm or RMSNorm, got {self.normalization!r}",
+        )
+        _require(
+            self.position_embedding_type in ("learned_absolute", "rope"),
+            f"--position-embedding-type must be learned_absolute or rope, got {self.position_embedding_type!r}",
+        )
+        if self.position_embedding_type == "rope":
+            _require(
+                0.0 < self.rotary_percent <= 1.0 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
+                f"--rotary-percent ({self.rotary_percent}) must give an even, positive rotary dimension "
+                f"of the head size {self.head_dim}",
+            )
+            _require(self.rotary_base > 0, f"--rotary-base must be positive, got {self.rotary_base}")
+
+    def _validate_recompute(self) -> None:
+        g, m = self.recompute_granularity, self.recompute_method
+        _require(
+            g in (None, "full", "selective"),
+            f"--recompute-granularity must be full or selective, got {g!r}",
+        )
+        if g == "full":
+            _require(
+                m in ("uniform", "block"),
+                f"--recompute-granularity full needs --recompute-method uniform or block, got {m!r}",
+            )
+            n = self.recompute_num_layers
+            _require(
+                isinstance(n, int) and n >= 1,
+                f"--recompute-granularity full needs --recompute-num-layers >= 1, got {n!r}",
+            )
+        else:
+            _require(m is None, f"--recompute-method {m} needs --recompute-granularity full")
+
+
+@dataclass
+class EarlyExitConfig:
+    """EE-LLM's early-exit flags (argument group "multexit"). Empty ``exit_layer_nums``: a plain GPT."""
+
+    exit_layer_nums: list[int] = field(default_factory=list)
+    exit_layer_weight: list[float] = field(default_factory=list)  # [] -> 1.0 per exit
+    exit_layer_weight_init: list[float] = field(default_factory=list)  # [] -> 0.0 per exit
+    exit_layer_weight_warmup_iters: int = 0
+    exit_layer_weight_warmup_style: str = "linear"
+    exit_layer_temperature: list[float] = field(default_factory=list)  # [] -> 1.0 per exit
+    use_exit_norm: bool = False
+    use_exit_mlp: bool = False
+    use_exit_block: bool = False
+    untie_exit_output_weights: bool = False
+    pre_exit: bool = False
+    use_dynamic_exit_layer_weight: bool = False
+
+    @property
+    def weights(self) -> list[float]:
+        return list(self.exit_layer_weight) or [1.0] * len(self.exit_layer_nums)
+
+    @property
+    def weight_inits(self) -> list[float]:
+        return list(self.exit_layer_weight_init) or [0.0] * len(self.exit_layer_nums)
+
+    @property
+    def temperatures(self) -> list[float]:
+        return list(self.exit_layer_temperature) or [1.0] * len(self.exit_layer_nums)
+
+    def temperature(self, layer: int) -> float:
+        return self.temperatures[list(self.exit_layer_nums).index(layer)]
+
+    def validate(self, num_layers: int) -> "EarlyExitConfig":
+        """Check the exits against the model depth; return self."""
+        exits = list(self.exit_layer_nums)
+        for layer in exits:
+            _require(
+                isinstance(layer, int) and 1 <= layer <= num_layers,
+                f"--exit-layer-nums: layer {layer!r} is outside 1..--num-layers ({num_layers}); "
+                "exit layer numbers start from 1",
+            )
+        _require(
+            exits == sorted(set(exits)),
+            f"--exit-layer-nums must be ascending without duplicates, got {exits}",
+        )
+        self._validate_lists(len(exits))
+        _require(
+            self.exit_layer_weight_warmup_iters >= 0,
+            f"--exit-layer-weight-warmup-iters must be >= 0, got {self.exit_layer_weight_warmup_iters}",
+        )
+        _require(
+            self.exit_layer_weight_warmup_style in ("linear", "cosine"),
+            f"--exit-layer-weight-warmup-style must be linear or cosine, got {self.exit_layer_weight_warmup_style!r}",
+        )
+        if self.use_exit_mlp:
+            _require(bool(exits), "--use-exit-mlp needs at least one exit (--exit-layer-nums)")
+            _require(
+                not self.pre_exit,
+                "--use-exit-mlp cannot be combined with --pre-exit: the branch MLP sits beside the layer's MLP; "
+                "use a post exit on the previous layer instead",
+            )
+        return self
+
+    def _validate_lists(self, n: int) -> None:
+        for flag, values in (
+            ("--exit-layer-weight", self.exit_layer_weight),
+            ("--exit-layer-weight-init", self.exit_layer_weight_init),
+            ("--exit-layer-temperature", self.exit_layer_temperature),
+        ):
+            _require(
+                len(values) in (0, n),
+                f"{flag} has {len(values)} values but --exit-layer-nums has {n}; give one per exit or none",
+            )
+        for t in self.temperatures:
+            _require(t > 0, f"--exit-layer-temperature values must be positive, got {t}")
+        for w in self.weights + self.weight_inits:
+            _require(w >= 0, f"--exit-layer-weight / --exit-layer-weight-init must be >= 0, got {w}")
+
+
+def validate_all(model: ModelConfig, ee: EarlyExitConfig, tp: int = 1, pp: int = 1, vpp: int = 1,
+                 layers_per_stage: Sequence[int] | None = None) -> None:
+    """Validate the model, the exits and the stage split together (before any process group exists)."""
+    from megatron.model.partition import partition
+
+    model.validate(tp)
+    ee.validate(model.num_layers)
+    partition(model.num_layers, pp, vpp, ee.exit_layer_nums, layers_per_stage)

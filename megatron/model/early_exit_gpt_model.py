@@ -1,0 +1,201 @@
+"""EarlyExitGPTModel: the GPT / Llama model of one (pipeline stage, virtual chunk), with exits.
+
+One instance per (stage, chunk) of a :class:`~megatron.model.partition.Partition`: the embedding on the
+first chunk, final norm and output head on the last, exit heads on the chunks owning exit layers. With
+no exits it is exactly a plain GPT. ``state_dict()`` is Megatron / EE-LLM's per-rank ``model`` dict.
+
+Shared ("tied") output projections. The exits' projection, when tied, is the model's own output
+projection: the word embedding with tied embeddings, else ``language_model.output_layer``. Chunks that
+need it but do not own it hold a copy: ``word_embeddings_for_head`` (EE-LLM's key) for the embedding,
+``output_layer_for_exits`` (our key; EE-LLM cannot tie exits to an untied head) for the output layer.
+Copies are initialised identically by the seeded init (no communication); after backward,
+:func:`allreduce_tied_grads` sums their gradients over the holders, so every copy takes the same step.
+
+Training forward -> :class:`StageOutput`; the cached inference forward is :meth:`EarlyExitGPTModel.infer`
+(see ``megatron/model/inference.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
+from megatron.core.tensor_parallel import VocabParallelEmbedding
+from megatron.core.transformer import RotaryEmbedding, SeededInit
+
+from .exit_heads import exit_confidence, lm_logits, token_losses
+from .language_model import LanguageModel, output_projection
+from .partition import Partition, partition as make_partition
+
+__all__ = ["StageOutput", "EarlyExitGPTModel", "tied_weight_holders", "allreduce_tied_grads"]
+
+WORD_EMBEDDINGS, OUTPUT_LAYER = "word_embeddings", "output_layer"
+
+
+@dataclass
+class StageOutput:
+    """``output``: hidden ``[s(/tp), b, h]`` on non-head chunks; on the head chunk per-token final CE
+    ``[b, s]`` (or vocab-parallel logits ``[b, s, V/tp]`` without labels). ``exit_losses``: per-token
+    exit CE ``[b, s]`` by exit layer number (tempered, times confidence with dynamic weights), unweighted.
+    ``exit_logits``: vocab-parallel exit logits ``[b, s, V/tp]`` when no labels were given."""
+
+    output: torch.Tensor
+    exit_losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    exit_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def tied_weight_holders(part: Partition, config: ModelConfig, ee: EarlyExitConfig) -> dict[str, list[tuple[int, int]]]:
+    """For each shared output projection, the sorted (stage, chunk) pairs holding a copy of it
+    (only entries with more than one holder need gradient synchronisation)."""
+    head = next(s for s in part.all_specs() if s.has_head)
+    exit_chunks = [(s.stage, s.chunk) for s in part.all_specs() if s.exits]
+    tied_exits = not ee.untie_exit_output_weights
+    if not config.untie_embeddings_and_output_weights:
+        holders = {(0, 0), (head.stage, head.chunk)} | (set(exit_chunks) if tied_exits else set())
+        return {WORD_EMBEDDINGS: sorted(holders)}
+    if tied_exits and exit_chunks:
+        return {OUTPUT_LAYER: sorted({(head.stage, head.chunk), *exit_chunks})}
+    return {}
+
+
+class EarlyExitGPTModel(nn.Module):
+    def __init__(self, config: ModelConfig, ee: EarlyExitConfig | None = None, *, state, partition: Partition | None = None,
+                 stage: int | None = None, chunk: int = 0, rng_tracker=None, initialize: bool = True,
+                 layers_per_stage=None):
+        super().__init__()
+        ee = ee if ee is not None else EarlyExitConfig()
+        config.validate(state.tp)
+        ee.validate(config.num_layers)
+        if partition is None:
+            partition = make_partition(config.num_layers, state.pp, state.dims.chunks, ee.exit_layer_nums,
+                                       layers_per_stage)
+        if partition.num_layers != config.num_layers or list(partition.exit_layers) != list(ee.exit_layer_nums):
+            raise ConfigError("the partition was built for other --num-layers / --exit-layer-nums than the model")
+        self.config, self.ee, self.state, self.partition = config, ee, state, partition
+        self.spec = partition.spec(state.pp_rank if stage is None else stage, chunk)
+        self.vocab = config.padded_vocab(state.tp)
+        self.sequence_parallel = config.sequence_parallel and state.tp > 1
+        recipe = SeededInit(config.seed, config.init_method_std, config.num_layers) if initialize else None
+        self.language_model = LanguageModel(config, ee, state=state, spec=self.spec, vocab=self.vocab, recipe=recipe,
+                                            rng_tracker=rng_tracker)
+        self.rotary = None
+        if config.position_embedding_type == "rope":
+            self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_base)
+        self._build_copies(recipe)
+
+    # ------------------------------------------------------------------ shared projections
+    def _build_copies(self, recipe) -> None:
+        me = (self.spec.stage, self.spec.chunk)
+        holders = tied_weight_holders(self.partition, self.config, self.ee)
+        self.word_embeddings_for_head = None
+        self.output_layer_for_exits = None
+        if me in holders.get(WORD_EMBEDDINGS, ()) and not self.spec.has_embedding:
+            init = None if recipe is None else recipe.normal(0, "embedding.word_embeddings.weight")
+            self.word_embeddings_for_head = VocabParallelEmbedding(
+                self.vocab, self.config.hidden_size, state=self.state, init_method=init,
+                params_dtype=self.config.params_dtype)
+            self.word_embeddings_for_head.weight.shared = True
+        if me in holders.get(OUTPUT_LAYER, ()) and not self.spec.has_head:
+            self.output_layer_for_exits = output_projection(
+                self.config, self.state, self.vocab, recipe, 0, "output_layer.weight")
+            self.output_layer_for_exits.weight.shared = True
+
+    def tied_parameters(self) -> dict[str, nn.Parameter]:
+        """This chunk's copies of shared projections, by name (see :func:`tied_weight_holders`)."""
+        me = (self.spec.stage, self.spec.chunk)
+        out = {}
+        for name, holders in tied_weight_holders(self.partition, self.config, self.ee).items():
+            if me in holders:
+                out[name] = self._shared_weight(name)
+        return out
+
+    def tied_stages(self) -> dict[str, list[int]]:
+        """For each shared projection, the sorted stages holding it (for ``ParallelState.new_stage_group``)."""
+        return {name: sorted({s for s, _ in holders})
+                for name, holders in tied_weight_holders(self.partition, self.config, self.ee).items()}
+
+    def allreduce_tied_grads(self, group) -> None:
+        allreduce_tied_grads([self], group)
+
+    def _shared_weight(self, name: str) -> nn.Parameter:
+        lm = self.language_model
+        if name == WORD_EMBEDDINGS:
+            return lm.embedding.word_embeddings.weight if lm.embedding is not None else self.word_embeddings_for_head.weight
+        return lm.output_layer.weight if lm.output_layer is not None else self.output_layer_for_exits.weight
+
+    def output_weight(self) -> nn.Parameter:
+        """The final head's projection ``[V/tp, h]``."""
+        return self._shared_weight(OUTPUT_LAYER if self.config.untie_embeddings_and_output_weights else WORD_EMBEDDINGS)
+
+    def exit_weight(self, layer: int) -> nn.Parameter:
+        if self.ee.untie_exit_output_weights:
+            return self.language_model.exit_output_layer[self.spec.exits.index(layer)].weight
+        return self.output_weight()
+
+    # ------------------------------------------------------------------ forward
+    def stage_input(self, input_ids, position_ids, hidden_states, offset: int = 0):
+        """-> (hidden ``[s(/tp), b, h]``, position ids ``[b, s]``, RoPE angles or None)."""
+        if self.spec.has_embedding:
+            if input_ids is None:
+                raise ValueError("the first chunk needs input_ids")
+            b, s = input_ids.shape
+        else:
+            if hidden_states is None:
+                raise ValueError(f"chunk (stage {self.spec.stage}, chunk {self.spec.chunk}) needs hidden_states")
+            s = hidden_states.shape[0] * (self.state.tp if self.sequence_parallel else 1)
+            b = hidden_states.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + s, device=self.state.device).unsqueeze(0).expand(b, s)
+        h = self.language_model.embedding(input_ids, position_ids) if self.spec.has_embedding else hidden_states
+        rope = None if self.rotary is None else self.rotary.cos_sin(position_ids, dtype=h.dtype)
+        return h, position_ids, rope
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, labels=None,
+                hidden_states=None) -> StageOutput:
+        """Training / full-sequence forward of this chunk (see :class:`StageOutput`)."""
+        h, _, rope = self.stage_input(input_ids, position_ids, hidden_states)
+        h, exit_hidden = self.language_model.encoder(h, attention_mask, rope)
+        out = StageOutput(h)
+        group = self.state.tp_group
+        for layer, h_exit in exit_hidden.items():
+            logits = lm_logits(h_exit, self.exit_weight(layer), group, self.sequence_parallel)
+            if labels is None:
+                out.exit_logits[layer] = logits.transpose(0, 1)
+                continue
+            logits = logits / self.ee.temperature(layer)
+            loss = token_losses(logits, labels, group)
+            if self.ee.use_dynamic_exit_layer_weight:
+                loss = loss * exit_confidence(logits, group).t()
+            out.exit_losses[layer] = loss
+        if self.spec.has_head:
+            logits = lm_logits(h, self.output_weight(), group, self.sequence_parallel)
+            out.output = logits.transpose(0, 1) if labels is None else token_losses(logits, labels, group)
+        return out
+
+    def infer(self, *args, **kwargs):
+        """Cached inference forward; see :func:`megatron.model.inference.inference_forward`."""
+        from .inference import inference_forward
+
+        return inference_forward(self, *args, **kwargs)
+
+
+def allreduce_tied_grads(models: list[EarlyExitGPTModel], group=None) -> None:
+    """Sum the gradients of every shared projection over all its copies: first over the given chunks of
+    this rank, then over ``group`` (the holders' stages, from ``ParallelState.new_stage_group``; ``None``
+    for one process). Every copy ends with the total gradient."""
+    by_name: dict[str, list[nn.Parameter]] = {}
+    for m in models:
+        for name, p in m.tied_parameters().items():
+            by_name.setdefault(name, []).append(p)
+    for name in sorted(by_name):
+        params = by_name[name]
+        grads = [p.grad for p in params if p.grad is not None]
+        total = torch.stack(grads).sum(0) if grads else torch.zeros_like(params[0])
+        if group is not None:
+            dist.all_reduce(total, group=group)
+        for p in params:
+            p.grad = total.clone()
