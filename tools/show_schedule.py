@@ -34,6 +34,7 @@ from megatron.core.pipeline_parallel.schedules import (  # noqa: E402
     simulate,
     validate,
 )
+from megatron.model.partition import partition  # noqa: E402
 
 COLOURS = {
     "forward": "#4C72B0",
@@ -84,7 +85,10 @@ def layout(args: argparse.Namespace) -> tuple[int, int, list[int]]:
     bad = [x for x in args.exit_layer_nums if not 1 <= x <= n]
     if bad:
         raise ScheduleError(f"--exit-layer-nums {bad} outside 1..{n} (--num-layers)")
-    return n // pp // per_chunk, per_chunk, [(x - 1) // per_chunk for x in args.exit_layer_nums]
+    vpp = n // pp // per_chunk
+    part = partition(n, pp, vpp, sorted(set(args.exit_layer_nums)))
+    owners = [part.owner(x) for x in args.exit_layer_nums]
+    return vpp, per_chunk, [o.chunk * pp + o.stage for o in owners]
 
 
 def build(args: argparse.Namespace) -> tuple[Schedule, Costs, Schedule | None]:
