@@ -12,6 +12,8 @@ Megatron's plain file names.
 import gzip
 from pathlib import Path
 
+from megatron.core.tensor_parallel.utils import pad_vocab_size
+
 
 class TokenizerArgumentError(ValueError):
     """A tokenizer flag is missing, names a missing file, or names a file that cannot be parsed."""
@@ -74,24 +76,13 @@ class AbstractTokenizer:
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tp: int = 1,
                       padded: int | None = None) -> int:
     """Rows of the (vocab-parallel) embedding: `padded` if given, else the smallest multiple of
-    make_vocab_size_divisible_by * tp that is >= vocab_size (Megatron's rule, so checkpoints line up)."""
-    if tp < 1:
-        raise TokenizerArgumentError(f"tensor-parallel size must be >= 1, got {tp}")
-    if padded is not None:
-        if padded < vocab_size:
-            raise TokenizerArgumentError(
-                f"--padded-vocab-size {padded} is smaller than the vocabulary ({vocab_size}); "
-                f"pass at least {vocab_size} or drop the flag")
-        if padded % tp:
-            raise TokenizerArgumentError(
-                f"--padded-vocab-size {padded} is not divisible by the tensor-parallel size {tp}; "
-                "the embedding rows are split evenly across tensor-parallel ranks")
-        return int(padded)
-    if make_vocab_size_divisible_by < 1:
-        raise TokenizerArgumentError(
-            f"--make-vocab-size-divisible-by must be >= 1, got {make_vocab_size_divisible_by}")
-    multiple = make_vocab_size_divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
+    make_vocab_size_divisible_by * tp that is >= vocab_size (Megatron's rule, so checkpoints line up).
+    The rule itself lives with the embedding (``tensor_parallel.pad_vocab_size``); errors are re-raised
+    as :class:`TokenizerArgumentError`."""
+    try:
+        return pad_vocab_size(vocab_size, make_vocab_size_divisible_by, tp, padded)
+    except ValueError as exc:
+        raise TokenizerArgumentError(str(exc)) from None
 
 
 def resolve_asset(path, flag: str, what: str) -> Path:

@@ -72,12 +72,12 @@ def pad_vocab_size(
     if padded_vocab_size is not None:
         if padded_vocab_size < vocab_size:
             raise ValueError(
-                f"padded vocab size {padded_vocab_size} is smaller than the tokenizer's vocab {vocab_size}; "
+                f"--padded-vocab-size {padded_vocab_size} is smaller than the tokenizer's vocab {vocab_size}; "
                 "raise it or leave it unset to derive it from --make-vocab-size-divisible-by"
             )
         if padded_vocab_size % tp != 0:
             raise ValueError(
-                f"padded vocab size {padded_vocab_size} is not divisible by --tensor-model-parallel-size {tp}; "
+                f"--padded-vocab-size {padded_vocab_size} is not divisible by --tensor-model-parallel-size {tp}; "
                 "pick a multiple of tp or leave it unset"
             )
         return padded_vocab_size
