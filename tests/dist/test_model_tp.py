@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from megatron.config import EarlyExitConfig, ModelConfig
 from megatron.core.parallel_state import ParallelDims, ParallelState
-from megatron.core.tensor_parallel import allreduce_sequence_parallel_grads, unshard_tensors
+from megatron.core.tensor_parallel import allreduce_sequence_parallel_grads, gather_full_tensor
 from megatron.core.transformer import InferenceParams
 from megatron.model import EarlyExitGPTModel
 from megatron.testing.distributed import run_distributed
@@ -58,15 +58,6 @@ def _data():
     return ids[:, :-1], ids[:, 1:]
 
 
-def _full(param, value, state):
-    """The whole tensor of a (possibly tp-sharded) parameter's ``value`` (its data or its gradient)."""
-    if not getattr(param, "tensor_model_parallel", False) or state.tp == 1:
-        return value.detach().clone()
-    parts = [torch.empty_like(value) for _ in range(state.tp)]
-    dist.all_gather(parts, value.contiguous(), group=state.tp_group)
-    return unshard_tensors(parts, param.partition_dim, param.partition_stride)
-
-
 def _gather_last(x, state):
     if state.tp == 1:
         return x.detach().clone()
@@ -97,8 +88,8 @@ def _run_case(state, arch, i, sp):
             inf = m.infer(ids[:, start:end], inference_params=ip, evaluate_exits=True, num_last=1)
             cached[end] = (inf.logits, inf.exit_logits)
             ip.sequence_len_offset = end
-    params = {k: _full(p, p, state) for k, p in m.named_parameters()}
-    grads = {k: _full(p, p.grad, state) for k, p in m.named_parameters()}
+    params = {k: gather_full_tensor(p, p, state) for k, p in m.named_parameters()}
+    grads = {k: gather_full_tensor(p, p.grad, state) for k, p in m.named_parameters()}
     return dict(logits=logits, exit_logits=exit_logits, final=out.output.detach(),
                 exits={k: v.detach() for k, v in out.exit_losses.items()}, params=params, grads=grads,
                 cached=cached)

@@ -8,13 +8,12 @@ forward goes and where its backward runs), tied copies summed, all dp replicas' 
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron.config import EarlyExitConfig, ModelConfig
 from megatron.core.distributed.finalize import TiedGroups, late_params
 from megatron.core.distributed.grad_buffer import GradBuffers
 from megatron.core.parallel_state import ParallelDims, ParallelState
-from megatron.core.tensor_parallel import unshard_tensors
+from megatron.core.tensor_parallel import gather_full_tensor
 from megatron.model import EarlyExitGPTModel
 from megatron.model.partition import partition as make_partition
 from megatron.testing.distributed import run_distributed
@@ -95,14 +94,6 @@ def reference(model_cfg, ee, part, schedule, dp):
     return grads, {k: sum(v) / len(v) for k, v in losses.items()}
 
 
-def full_tensor(param, value, state):
-    if not getattr(param, "tensor_model_parallel", False) or state.tp == 1:
-        return value.detach().clone()
-    parts = [torch.empty_like(value) for _ in range(state.tp)]
-    dist.all_gather(parts, value.contiguous(), group=state.tp_group)
-    return unshard_tensors(parts, param.partition_dim, param.partition_stride)
-
-
 def worker(rank, world, tp, pp, vpp, arch, exits, sp, opts, m, tune):
     state = ParallelState.build(ParallelDims.from_world(world, tp=tp, pp=pp, vpp=vpp if vpp > 1 else None))
     model_cfg, ee = configs(arch, exits, sp)
@@ -121,7 +112,7 @@ def worker(rank, world, tp, pp, vpp, arch, exits, sp, opts, m, tune):
         exit_weights=dict(zip(ee.exit_layer_nums, ee.weights)), grad_buffers=buffers,
         tied_groups=TiedGroups(chunks, state),
     )
-    grads = {(state.pp_rank, c, n): full_tensor(p, p.main_grad, state)
+    grads = {(state.pp_rank, c, n): gather_full_tensor(p, p.main_grad, state)
              for c, chunk in enumerate(chunks) for n, p in chunk.named_parameters() if p.requires_grad}
     return grads, losses.mean(), state.dp_rank, state.tp_rank
 

@@ -2,7 +2,13 @@
 and activation checkpointing, plus the pure sharding helpers checkpoint tools share with the layers."""
 
 from .cross_entropy import vocab_parallel_cross_entropy
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, allreduce_sequence_parallel_grads
+from .layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    allreduce_sequence_parallel_grads,
+    gather_full_tensor,
+)
 from .mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -16,6 +22,7 @@ from .random import MODEL_PARALLEL_RNG, RNGStatesTracker, checkpoint, model_para
 from .utils import divide, pad_vocab_size, shard_tensor, unshard_tensors, vocab_range
 
 __all__ = [
+    "gather_full_tensor",
     "ColumnParallelLinear",
     "RowParallelLinear",
     "VocabParallelEmbedding",

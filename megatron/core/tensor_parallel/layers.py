@@ -36,6 +36,7 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "allreduce_sequence_parallel_grads",
+    "gather_full_tensor",
 ]
 
 InitMethod = Optional[Callable[[torch.Tensor], object]]
@@ -202,3 +203,14 @@ def allreduce_sequence_parallel_grads(module: nn.Module, state: ParallelState) -
     for p in module.parameters():
         if getattr(p, "sequence_parallel", False) and p.grad is not None:
             dist.all_reduce(p.grad, group=state.tp_group)
+
+
+def gather_full_tensor(param: nn.Parameter, value: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """The unsharded form of ``value`` (``param`` itself, its grad or its ``main_grad``): shards of a
+    tensor-parallel parameter are gathered over tp and reassembled with its partition dim and stride;
+    a replicated parameter's value is returned as is (a detached copy). Collective over tp."""
+    if not getattr(param, "tensor_model_parallel", False) or state.tp == 1:
+        return value.detach().clone()
+    parts = [torch.empty_like(value) for _ in range(state.tp)]
+    dist.all_gather(parts, value.detach().contiguous(), group=state.tp_group)
+    return unshard_tensors(parts, param.partition_dim, param.partition_stride)
