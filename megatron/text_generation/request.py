@@ -1,0 +1,306 @@
+"""Generation requests: the dataclasses shared by the server and the generation core, the parsers that
+turn HTTP JSON bodies (EE-LLM's ``PUT /api`` and OpenAI's ``POST /v1/completions``) into them, and the
+rank-0-to-all broadcast of a request (or of the shutdown message) before every rank calls ``generate``.
+
+Every invalid field raises :class:`RequestError` naming the field; the server answers it with HTTP 400.
+EE-LLM's parser bugs (reference 12.9) are fixed here: booleans are read by value, ints are accepted
+where floats are, the default threshold means "no early exit", ``stop_sequences`` and ``beam_width``
+work, and a missing ``top_p`` never crashes the ``top_p_decay`` / ``top_p_bound`` checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "SamplingParams", "EarlyExitParams", "GenerationRequest", "GenerationResult", "RequestError",
+    "parse_api_request", "parse_completions_request", "broadcast_request", "SHUTDOWN",
+    "MAX_PROMPTS", "EXIT_METHODS",
+]
+
+MAX_PROMPTS = 128
+MAX_TOP_K = 1000
+MAX_TEMPERATURE = 100.0
+EXIT_METHODS = ("auto", "recompute", "pipeline")
+SHUTDOWN = "shutdown"  # the broadcast message that ends the non-zero ranks' serving loop
+
+
+@dataclass
+class SamplingParams:
+    tokens_to_generate: int = 64  # 0 = scoring: return log-probs of the prompt only
+    top_k: int = 0  # 0 = off
+    top_p: float = 0.0  # 0 = off; cannot combine with top_k > 0
+    top_p_decay: float = 0.0
+    top_p_bound: float = 0.0
+    temperature: float = 1.0  # the HTTP layer maps EE-LLM's temperature 0 -> greedy (top_k = 1)
+    greedy: bool = False
+    random_seed: int | None = None
+    logprobs: bool = False
+    echo_prompts: bool = False
+    add_BOS: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)  # the tokenizer's eod is always a stop token
+    stop_sequences: list[str] = field(default_factory=list)  # matched on detokenized text
+    prevent_newline_after_colon: bool = False
+    beam_width: int | None = None  # beam search when set (>= 1)
+    length_penalty: float = 1.0
+
+
+@dataclass
+class EarlyExitParams:
+    use_early_exit: bool = False
+    early_exit_thres: float = 1.0  # exit when confidence >= thres; 1.0 = practically never
+    exit_layers: list[int] = field(default_factory=list)  # [] = every exit may fire
+    method: str = "auto"  # "recompute" (A), "pipeline" (B), "auto": B if pp > 1 else A
+    recompute_cap: int | None = None  # force a full-depth pass after this many consecutive exits (A)
+    use_temperature: bool = False  # apply --exit-layer-temperature to exit logits for the confidence
+    print_max_prob: bool = False
+    confidence: str = "top1"
+
+
+@dataclass
+class GenerationRequest:
+    prompts: list[str]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    early_exit: EarlyExitParams = field(default_factory=EarlyExitParams)
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]  # prompt + generation if echo_prompts else generation only
+    segments: list[list[str]]  # per-token detokenized pieces (generation, or all if echo)
+    tokens: list[list[int]]
+    logprobs: list[list[float]] | None
+    exit_layers: list[list[int]]  # per generated token, the layer it left at (num_layers = full depth)
+    num_generated: int
+    elapsed_s: float
+
+
+class RequestError(ValueError):
+    """An invalid request field; the server answers ``{"error": reason, "field": field}`` with HTTP 400."""
+
+    def __init__(self, field_name: str, reason: str):
+        super().__init__(f"{field_name}: {reason}")
+        self.field = field_name
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------- field readers
+
+class _Fields:
+    """Typed, checked access to a JSON object's fields; records which keys were read so that unknown
+    keys can be rejected (a typo such as ``temprature`` must not be silently ignored)."""
+
+    def __init__(self, body: Any, known_extra: tuple[str, ...] = ()):
+        if not isinstance(body, dict):
+            raise RequestError("body", f"the request body must be a JSON object, got {type(body).__name__}")
+        self.body = body
+        self.read: set[str] = set(known_extra)
+
+    def has(self, name: str) -> bool:
+        return name in self.body and self.body[name] is not None
+
+    def raw(self, name: str, default: Any = None) -> Any:
+        self.read.add(name)
+        return self.body[name] if self.has(name) else default
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise RequestError(name, f"must be a boolean (true or false), got {value!r}")
+        return value
+
+    def int(self, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+        value = self.raw(name, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RequestError(name, f"must be an integer, got {value!r}")
+        _check_range(name, value, lo, hi)
+        return value
+
+    def float(self, name: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RequestError(name, f"must be a finite number, got {value!r}")
+        _check_range(name, value, lo, hi)
+        return float(value)
+
+    def int_list(self, name: str) -> list[int]:
+        value = self.raw(name, [])
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise RequestError(name, f"must be a list of integers, got {value!r}")
+        return list(value)
+
+    def str_list(self, name: str, allow_str: bool = True) -> list[str]:
+        value = self.raw(name, [])
+        if allow_str and isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
+            raise RequestError(name, f"must be a list of strings, got {value!r}")
+        return list(value)
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.body) - self.read)
+        if unknown:
+            raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; check its spelling")
+
+
+def _check_range(name: str, value: float, lo: float | None, hi: float | None) -> None:
+    if lo is not None and value < lo:
+        raise RequestError(name, f"must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise RequestError(name, f"must be <= {hi}, got {value}")
+
+
+def _prompts(f: _Fields, name: str, add_bos: bool) -> list[str]:
+    if not f.has(name):
+        raise RequestError(name, "is required: a string or a list of 1 to 128 strings")
+    prompts = f.str_list(name)
+    if not 1 <= len(prompts) <= MAX_PROMPTS:
+        raise RequestError(name, f"must hold 1 to {MAX_PROMPTS} prompts, got {len(prompts)}")
+    if not add_bos and any(p == "" for p in prompts):
+        raise RequestError(name, "an empty prompt needs add_BOS: true (there is no token to start from)")
+    return prompts
+
+
+def _early_exit(f: _Fields, default_thres: float) -> EarlyExitParams:
+    method = f.raw("method", "auto")
+    if method not in EXIT_METHODS:
+        raise RequestError("method", f"must be one of {', '.join(EXIT_METHODS)}, got {method!r}")
+    exit_layers = f.int_list("exit_layers")
+    if any(layer < 1 for layer in exit_layers):
+        raise RequestError("exit_layers", f"layers are numbered from 1, got {exit_layers}")
+    return EarlyExitParams(
+        use_early_exit=f.bool("use_early_exit", False),
+        early_exit_thres=f.float("early_exit_thres", default_thres, lo=0.0, hi=1.0),
+        exit_layers=exit_layers,
+        method=method,
+        recompute_cap=f.int("recompute_cap", None, lo=1),
+        use_temperature=f.bool("use_exit_temperature", False),
+        print_max_prob=f.bool("print_max_prob", False),
+    )
+
+
+def _apply_temperature(sampling: SamplingParams, temperature: float) -> None:
+    """EE-LLM's rule: temperature 0 means greedy (top-k 1, no top-p); sampling then runs at 1.0."""
+    if temperature == 0.0:
+        sampling.greedy, sampling.top_k, sampling.top_p, sampling.temperature = True, 1, 0.0, 1.0
+    else:
+        sampling.temperature = temperature
+
+
+# ------------------------------------------------------------------------------------------- PUT /api
+
+def parse_api_request(body: Any) -> GenerationRequest:
+    """EE-LLM's ``PUT /api`` body (reference 8.6) -> :class:`GenerationRequest`, with its bugs fixed."""
+    f = _Fields(body, known_extra=("no_log",))
+    for legacy, current in (("max_len", "tokens_to_generate"), ("sentences", "prompts")):
+        if legacy in f.body:
+            raise RequestError(legacy, f"is a legacy field name; use {current!r}")
+    f.bool("no_log", False)
+    add_bos = f.bool("add_BOS", False)
+    prompts = _prompts(f, "prompts", add_bos)
+    tokens = f.int("tokens_to_generate", 64, lo=0)
+    top_k = f.int("top_k", 0, lo=0, hi=MAX_TOP_K)
+    top_p = f.float("top_p", 0.0, lo=0.0, hi=1.0)
+    if top_k > 0 and top_p > 0.0:
+        raise RequestError("top_p", "cannot be combined with top_k > 0; set one of them to 0")
+    sampling = SamplingParams(
+        tokens_to_generate=tokens, top_k=top_k, top_p=top_p,
+        top_p_decay=_top_p_dependent(f, "top_p_decay", top_p),
+        top_p_bound=_top_p_dependent(f, "top_p_bound", top_p),
+        random_seed=f.int("random_seed", 1234, lo=0),
+        logprobs=f.bool("logprobs", False) or tokens == 0,  # scoring returns the prompt's log-probs
+        echo_prompts=f.bool("echo_prompts", False),
+        add_BOS=add_bos,
+        stop_token_ids=f.int_list("stop_token_ids"),
+        stop_sequences=f.str_list("stop_sequences") + _eol_stops(f),
+        prevent_newline_after_colon=f.bool("prevent_newline_after_colon", False),
+        beam_width=f.int("beam_width", None, lo=1),
+        length_penalty=f.float("length_penalty", 1.0),
+    )
+    if "" in sampling.stop_sequences:
+        raise RequestError("stop_sequences", "an empty stop sequence would stop before the first token")
+    if sampling.beam_width is not None and len(prompts) != 1:
+        raise RequestError("beam_width", f"beam search takes exactly one prompt, got {len(prompts)}")
+    _apply_temperature(sampling, f.float("temperature", 0.0, lo=0.0, hi=MAX_TEMPERATURE))
+    early_exit = _early_exit(f, default_thres=1.0)
+    f.reject_unknown()
+    return GenerationRequest(prompts=prompts, sampling=sampling, early_exit=early_exit)
+
+
+def _eol_stops(f: _Fields) -> list[str]:
+    """Upstream Megatron's ``stop_on_eol`` / ``stop_on_double_eol`` flags, as stop sequences."""
+    stops = ["\n"] if f.bool("stop_on_eol", False) else []
+    return stops + (["\n\n"] if f.bool("stop_on_double_eol", False) else [])
+
+
+def _top_p_dependent(f: _Fields, name: str, top_p: float) -> float:
+    if not f.has(name):
+        f.read.add(name)
+        return 0.0
+    if top_p == 0.0:
+        raise RequestError(name, "requires top_p > 0")
+    value = f.float(name, 0.0, lo=0.0, hi=1.0)
+    if name == "top_p_bound" and not 0.0 < value <= top_p:
+        raise RequestError(name, f"must satisfy 0 < top_p_bound <= top_p ({top_p}), got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------- POST /v1/completions
+
+def parse_completions_request(body: Any) -> tuple[GenerationRequest, dict]:
+    """OpenAI ``POST /v1/completions`` body -> (request, options). ``options`` holds what shapes the
+    response rather than the generation: ``model`` (echoed back), ``stream``, ``logprobs`` (the count
+    asked for; only the chosen token's log-prob is returned) and ``echo``."""
+    f = _Fields(body, known_extra=("user",))
+    for name, neutral in (("best_of", 1), ("frequency_penalty", 0), ("presence_penalty", 0)):
+        if f.raw(name, neutral) != neutral:
+            raise RequestError(name, f"is not supported; leave it at {neutral}")
+    prompts = _prompts(f, "prompt", add_bos=False)
+    n = f.int("n", 1)
+    if n != 1:
+        raise RequestError("n", f"only n = 1 is supported, got {n}")
+    model = f.raw("model", "ee-megatron")
+    if not isinstance(model, str):
+        raise RequestError("model", f"must be a string, got {model!r}")
+    logprobs = f.int("logprobs", None, lo=0, hi=5)
+    echo = f.bool("echo", False)
+    sampling = SamplingParams(
+        tokens_to_generate=f.int("max_tokens", 16, lo=0),
+        top_p=f.float("top_p", 1.0, lo=0.0, hi=1.0),
+        random_seed=f.int("seed", None, lo=0),
+        logprobs=logprobs is not None or f.body.get("max_tokens") == 0,
+        echo_prompts=echo,
+        stop_sequences=f.str_list("stop"),
+    )
+    if sampling.top_p == 1.0:
+        sampling.top_p = 0.0  # OpenAI's 1.0 means "no nucleus truncation", ours is 0
+    if "" in sampling.stop_sequences:
+        raise RequestError("stop", "an empty stop sequence would stop before the first token")
+    _apply_temperature(sampling, f.float("temperature", 1.0, lo=0.0, hi=2.0))
+    early_exit = _early_exit(f, default_thres=1.0)
+    options = {"model": model, "stream": f.bool("stream", False), "logprobs": logprobs, "echo": echo}
+    f.reject_unknown()
+    return GenerationRequest(prompts=prompts, sampling=sampling, early_exit=early_exit), options
+
+
+# ------------------------------------------------------------------------------------------ broadcast
+
+def broadcast_request(request: GenerationRequest | str | None, state) -> GenerationRequest | str:
+    """Send global rank 0's request (or :data:`SHUTDOWN`) to every rank; the others pass ``None`` and
+    get it back. Uses the default (world) group: the whole model, every tp x pp rank, must call
+    ``generate`` with the same request. Skipped in a single process."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
+            or torch.distributed.get_world_size() == 1:
+        return request
+    payload = [request if torch.distributed.get_rank() == 0 else None]
+    device = None
+    if torch.distributed.get_backend() == "nccl":
+        device = state.device  # NCCL moves the pickled bytes through this rank's GPU
+    torch.distributed.broadcast_object_list(payload, src=0, device=device)
+    return payload[0]

@@ -1,0 +1,56 @@
+"""Start-up of the text-generation server: the weights-source rule (no silent random weights), the
+one-replica world, and a checkpoint loaded through --load --use-checkpoint-args (model shape from it)."""
+
+import pytest
+import torch
+
+from megatron.config import ConfigError
+from megatron.core.parallel_state import ParallelState
+from megatron.text_generation.server_launch import build, model_info, server_args
+from megatron.training.checkpoint import save_checkpoint
+
+SHAPE = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
+         "--exit-layer-nums 2 --device cpu").split()
+TOKENIZER = "--tokenizer-type NullTokenizer --vocab-size 60".split()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (SHAPE + TOKENIZER, "--random-weights"),
+    (SHAPE + TOKENIZER + ["--random-weights", "--load", "/x"], "exclude each other"),
+    (SHAPE + TOKENIZER + ["--random-weights", "--use-checkpoint-args"], "needs --load"),
+    (SHAPE + TOKENIZER + ["--random-weights", "--num-layers-per-virtual-pipeline-stage", "1"], "one model chunk"),
+])
+def test_refused_start(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        server_args(flags)
+
+
+def test_world_must_be_one_replica(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="launch exactly"):
+        server_args(SHAPE + TOKENIZER + ["--random-weights"])
+
+
+def test_random_weights_build():
+    args = server_args(SHAPE + TOKENIZER + ["--random-weights", "--sequence-parallel"])
+    run, state, tokenizer, chunks = build(args)
+    assert len(chunks) == 1 and not chunks[0].training and not args.sequence_parallel
+    info = model_info(args, run)
+    assert (info.name, info.num_layers, info.exit_layers, info.pp) == ("random-weights", 4, [2], 1)
+
+
+def test_checkpoint_loaded_with_its_args(tmp_path):
+    saved_args = server_args(SHAPE + TOKENIZER + ["--random-weights", "--seed", "7"])
+    run, state, _, (saved,) = build(saved_args)
+    save_checkpoint(str(tmp_path), 3, [saved], None, None, ParallelState.single(), saved_args, save_optim=False,
+                    save_rng=False)
+    # No model-shape flags: they come from the checkpoint; the default seed would give other weights.
+    args = server_args(["--load", str(tmp_path), "--use-checkpoint-args", "--device", "cpu"] + TOKENIZER)
+    run, _, _, (loaded,) = build(args)
+    assert run.model.num_layers == 4 and run.early_exit.exit_layer_nums == [2]
+    expected = saved.state_dict()
+    _, _, _, (fresh,) = build(server_args(SHAPE + TOKENIZER + ["--random-weights"]))
+    assert any(not torch.equal(v, expected[k]) for k, v in fresh.state_dict().items())
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    assert model_info(args, run).name == tmp_path.name

@@ -1,0 +1,114 @@
+"""Send EE-LLM-shaped ``PUT /api`` requests to a running server, one per prompt of a JSONL file
+(objects with a ``text`` field, default tools/prompt_example.jsonl); print each request, its latency,
+the generated text and where the tokens left the model. Also the HTTP helpers the CLI shares.
+
+    python tools/request_client.py --url http://localhost:5000/api --tokens 50 \
+        --use-early-exit --threshold 0.8 --exit-layers 6 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+DEFAULT_URL = "http://localhost:5000/api"
+DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompt_example.jsonl")
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error status; ``body`` is its JSON reason when it sent one."""
+
+    def __init__(self, status: int, body):
+        reason = body.get("error") if isinstance(body, dict) else body
+        field = f" (field {body['field']!r})" if isinstance(body, dict) and body.get("field") else ""
+        super().__init__(f"HTTP {status}: {reason}{field}")
+        self.status, self.body = status, body
+
+
+def put_api(url: str, body: dict, timeout: float = 600.0) -> dict:
+    """PUT ``body`` as JSON to ``url``; the JSON answer, or :class:`ServerError`."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raw = e.read().decode(errors="replace")
+        try:
+            raise ServerError(e.code, json.loads(raw)) from None
+        except ValueError:
+            raise ServerError(e.code, raw) from None
+
+
+def add_request_flags(parser: argparse.ArgumentParser, tokens: int) -> argparse.ArgumentParser:
+    """The flags both clients share: server URL, length and early-exit settings."""
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"The server's /api endpoint (default {DEFAULT_URL}).")
+    parser.add_argument("--tokens", type=int, default=tokens, help="Tokens to generate per prompt.")
+    parser.add_argument("--use-early-exit", action="store_true", help="Let tokens leave at the exits.")
+    parser.add_argument("--threshold", type=float, default=1.0,
+                        help="early_exit_thres: a token exits when its top-1 probability reaches this.")
+    parser.add_argument("--exit-layers", type=int, nargs="*", default=[],
+                        help="Only these exits may fire (default: all).")
+    parser.add_argument("--print-max-prob", action="store_true",
+                        help="The server logs each exit's top token and probability.")
+    return parser
+
+
+def early_exit_fields(args: argparse.Namespace) -> dict:
+    return {"use_early_exit": args.use_early_exit, "early_exit_thres": args.threshold,
+            "exit_layers": list(args.exit_layers), "print_max_prob": args.print_max_prob}
+
+
+def describe_exits(response: dict) -> str:
+    share = response.get("exit_share") or {}
+    parts = ", ".join(f"layer {layer}: {100 * s:.0f}%" for layer, s in share.items())
+    speed = response.get("tokens_per_s")
+    return f"exits [{parts}]" + (f", {speed:.1f} tokens/s" if speed is not None else "")
+
+
+def read_prompts(path: str) -> list[str]:
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{path}:{n}: each line must be a JSON object with a string 'text' field")
+                prompts.append(record["text"])
+    return prompts
+
+
+def request_body(prompt: str, args: argparse.Namespace) -> dict:
+    """EE-LLM client's request: greedy (top_k 1), log-probs on, a time-based seed, no echo."""
+    return {"prompts": [prompt], "tokens_to_generate": args.tokens, "top_k": 1, "logprobs": True,
+            "random_seed": time.time_ns() % 16384, "echo_prompts": False, **early_exit_fields(args)}
+
+
+def main(argv=None) -> int:
+    parser = add_request_flags(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), tokens=50)
+    parser.add_argument("--prompt-file", default=DEFAULT_PROMPTS, help="JSONL file of {\"text\": ...} prompts.")
+    args = parser.parse_args(argv)
+    failures = 0
+    for prompt in read_prompts(args.prompt_file):
+        body = request_body(prompt, args)
+        print(f"request: {json.dumps(body)}")
+        start = time.perf_counter()
+        try:
+            response = put_api(args.url, body)
+        except (ServerError, urllib.error.URLError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            failures += 1
+            continue
+        print(f"response ({time.perf_counter() - start:.3f}s, {describe_exits(response)}):")
+        print(response["text"][0])
+        print()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
