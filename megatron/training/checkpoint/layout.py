@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .foreign_pickle import tolerant_pickle
+
 __all__ = [
     "CheckpointError", "TRACKER_FILE", "MODEL_FILE", "DISTRIB_OPTIM_FILE", "iteration_dir", "rank_dir",
     "checkpoint_file", "read_tracker", "write_tracker", "atomic_save", "read_file", "saved_mp_ranks",
@@ -112,11 +114,16 @@ def write_tracker(root: str, iteration: int | str) -> None:
 def read_file(path: str) -> dict:
     """``torch.load`` of one of our checkpoint files onto the CPU, with an error naming a missing, truncated
     or corrupt file. ``weights_only=False``: the files hold an ``argparse.Namespace`` and numpy RNG state,
-    and are trusted as the user's own checkpoints."""
+    and are trusted as the user's own checkpoints. Files written by EE-LLM / Megatron-LM load too (see
+    :mod:`.foreign_pickle`)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except (ImportError, AttributeError):
+            # Pickled by EE-LLM / Megatron-LM: their own classes (e.g. args.model_type) load as placeholders.
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=tolerant_pickle)
     except Exception as e:  # zip / pickle / EOF errors all mean the same thing to the user
         raise CheckpointError(f"checkpoint file {path} is truncated or corrupt ({type(e).__name__}: {e}); "
                               "load an earlier iteration with --load-iteration N") from e

@@ -1,0 +1,57 @@
+"""Command-line plumbing shared by ``util.py`` and ``checkpoint_converter.py``: common flags, the save step
+(args for the new files, tokenizer files beside them) and the error exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from megatron.config import ConfigError
+from megatron.model.state_dict_sharding import StateDictError
+from megatron.training.checkpoint.layout import CheckpointError
+
+from .megatron_io import Layout, ModelCheckpoint, build_args, update_args, write_megatron
+
+__all__ = ["add_io_args", "save_megatron", "run_cli", "TOKENIZER_DIR"]
+
+# Tokenizer files rebuilt from a GGUF file go here, inside the saved checkpoint directory.
+TOKENIZER_DIR = "tokenizer"
+
+
+def add_io_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--load-dir", required=True, help="Directory (or GGUF file) to read.")
+    parser.add_argument("--save-dir", required=True, help="Directory to write (must not hold the same iteration).")
+    parser.add_argument("--load-iteration", type=int, default=0,
+                        help="Iteration of a Megatron checkpoint to read; 0: latest_checkpointed_iteration.txt.")
+    parser.add_argument("--megatron-path", default=None, help="Accepted for EE-LLM scripts; not needed here.")
+
+
+def save_megatron(save_dir: str, ckpt: ModelCheckpoint, layout: Layout) -> None:
+    """Write ``ckpt`` in Megatron's layout with args describing it (the source's args updated, or a complete
+    default Namespace for HF / GGUF sources) and its tokenizer files under ``<save_dir>/tokenizer``."""
+    tokenizer = dict(ckpt.tokenizer)
+    if ckpt.tokenizer_files:
+        directory = os.path.join(os.path.abspath(save_dir), TOKENIZER_DIR)
+        os.makedirs(directory, exist_ok=True)
+        for name, text in ckpt.tokenizer_files.items():
+            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        tokenizer["tokenizer_model"] = directory
+    if ckpt.args is not None:
+        args = update_args(ckpt.args, ckpt.model, ckpt.ee, layout, tokenizer)
+    else:
+        args = build_args(ckpt.model, ckpt.ee, layout, tokenizer)
+    write_megatron(save_dir, ckpt, layout, args)
+
+
+def run_cli(main, argv=None) -> int:
+    """Run ``main(argv)``; a configuration / checkpoint error prints one line and exits with status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        main(argv)
+    except (ConfigError, CheckpointError, StateDictError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
