@@ -1,0 +1,83 @@
+"""Command-line start-up shared by the task runner (``python -m megatron.evaluation``) and
+``tools/sweep_thresholds.py``: the evaluation flags, and the model built from the usual Megatron /
+EE-LLM flags exactly as the text-generation server builds it (``--load CKPT [--use-checkpoint-args]`` or
+``--random-weights`` with the model-shape flags; launch tp x pp processes with torchrun for a parallel
+model). A tool parses its own flags first and hands the rest to :func:`build_model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron.text_generation.confidence import MEASURES
+from megatron.text_generation.server_launch import build, server_args
+from megatron.training.checkpoint import CheckpointError
+
+from .adapter import EarlyExitLM
+
+__all__ = ["add_eval_args", "split_argv", "run_cli", "build_model", "build_lm", "Model"]
+
+
+def split_argv(argv=None) -> tuple[list[str], list[str]]:
+    """(the tool's own flags, the model flags): the two sides of a ``--`` (all the tool's without one)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
+def run_cli(main, argv=None) -> int:
+    """``main(argv)``'s exit code; bad flags or files (whose messages name them) print one line, exit 2."""
+    try:
+        return main(argv)
+    except (ValueError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group(title="evaluation")
+    g.add_argument("--exit-layer", type=int, default=None,
+                   help="Evaluate exit L (the first L layers plus its head) instead of the full model.")
+    g.add_argument("--early-exit-thres", type=float, default=None,
+                   help="Evaluate early exits under this confidence threshold in [0, 1].")
+    g.add_argument("--confidence", default="top1", choices=MEASURES, help="Confidence measure for the threshold.")
+    g.add_argument("--use-exit-temperature", action="store_true",
+                   help="Divide exit logits by --exit-layer-temperature before measuring confidence.")
+    g.add_argument("--eval-batch-size", type=int, default=8, help="Sequences per forward / generation batch.")
+    g.add_argument("--max-gen-toks", type=int, default=32, help="Generated tokens at most per generation item.")
+    return parser
+
+
+class Model:
+    """This rank's model as the tools need it: configs, parallel state, tokenizer and chunks."""
+
+    def __init__(self, run, state, tokenizer, chunks):
+        self.run, self.state, self.tokenizer, self.chunks = run, state, tokenizer, chunks
+
+    @property
+    def num_layers(self) -> int:
+        return self.run.model.num_layers
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(self.run.early_exit.exit_layer_nums)
+
+
+def build_model(model_argv: list[str]) -> Model:
+    """The model of this rank from Megatron flags (see the module doc); flags are checked as the server
+    checks them (weights source, one replica of tp x pp processes, no virtual pipeline)."""
+    run, state, tokenizer, chunks = build(server_args(model_argv))
+    return Model(run, state, tokenizer, chunks)
+
+
+def build_lm(model: Model, ns: argparse.Namespace, *, early_exit_thres: float | None = None, generate_fn=None) -> EarlyExitLM:
+    """An :class:`EarlyExitLM` over ``model`` with the flags of :func:`add_eval_args` (``early_exit_thres``
+    overrides ``--early-exit-thres``)."""
+    thres = ns.early_exit_thres if early_exit_thres is None else early_exit_thres
+    return EarlyExitLM(model.chunks, model.state, model.tokenizer, model.run.model, model.run.early_exit,
+                       exit_layer=ns.exit_layer, early_exit_thres=thres, confidence=ns.confidence,
+                       use_temperature=ns.use_exit_temperature, batch_size=ns.eval_batch_size,
+                       max_gen_toks=ns.max_gen_toks, generate_fn=generate_fn)
