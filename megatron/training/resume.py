@@ -1,0 +1,105 @@
+"""Checkpoint wiring of a training run: load before training, save during and after it.
+
+``load_run`` restores model, optimizer, scheduler, RNG streams and the consumed-sample counts
+(``--load``, ``--finetune``, ``--no-load-optim``, ``--no-load-rng``, ``--load-iteration``,
+``--exit-on-missing-checkpoint``). ``save_run`` writes one iteration atomically (the checkpoint
+package's ordering) with the run's ``args``.
+
+EE-Tuning with ``--tune-exit-pipeline-parallel-size k < pp`` builds and loads only the first ``k``
+stages. A save must still be a complete model, so before the tracker moves, the files of the stages
+this run never built are copied unchanged from the loaded checkpoint into the new iteration
+(EE-LLM saved only the tuned stages and left the reassembly to the user).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+from megatron.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from megatron.training.checkpoint.layout import rank_dir
+from megatron.training.checkpoint.load import resolve_iteration
+from megatron.training.setup import TrainingRun
+
+__all__ = ["load_run", "save_run", "copy_unbuilt_stages"]
+
+log = logging.getLogger(__name__)
+
+
+def load_run(run: TrainingRun) -> int:
+    """Load ``--load`` into the run (collective); sets and returns ``run.iteration``."""
+    c = run.cfg.checkpoint
+    args = run.args
+    args.consumed_train_samples = args.consumed_valid_samples = 0
+    if c.load is None:
+        run.iteration = 0
+        return 0
+    if run.partial_stages:
+        # Remember which checkpoint the unbuilt stages come from, for every later save, and check now
+        # (on every rank) that it has them rather than failing on one rank in the middle of a save.
+        run.source_iteration = resolve_iteration(c.load, c.load_iteration, c.exit_on_missing_checkpoint)
+        if run.source_iteration is not None:
+            _unbuilt_stage_dirs(c.load, run.source_iteration, run.state.tp, run.state.pp, run.cfg.parallel.pp)
+    run.iteration = load_checkpoint(
+        c.load, run.chunks, run.optimizer, run.scheduler, run.state, args, full_pp=run.cfg.parallel.pp,
+        rng_tracker=run.rng_tracker, load_iteration=c.load_iteration, finetune=c.finetune,
+        no_load_optim=c.no_load_optim, no_load_rng=c.no_load_rng,
+        exit_on_missing_checkpoint=c.exit_on_missing_checkpoint)
+    return run.iteration
+
+
+def _copy_file(src: str, dst: str) -> None:
+    """Copy through a temporary name, renamed into place (a reader never sees a torn file)."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.copy.tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _unbuilt_stage_dirs(load_dir: str, source: tuple[int, bool], tp: int, built_pp: int,
+                        full_pp: int) -> list[tuple[int, int, str]]:
+    """``(stage, tp_rank, directory)`` of every stage ``built_pp .. full_pp - 1`` in checkpoint ``source``."""
+    src_iter, release = source
+    dirs = []
+    for stage in range(built_pp, full_pp):
+        for tp_rank in range(tp):
+            src = rank_dir(load_dir, src_iter, tp_rank, stage, full_pp, release)
+            if not os.path.isdir(src):
+                raise CheckpointError(f"{src} is missing: with --tune-exit-pipeline-parallel-size {built_pp} a save "
+                                      f"copies the stages this run does not build from --load {load_dir}, which "
+                                      "must hold the whole model")
+            dirs.append((stage, tp_rank, src))
+    return dirs
+
+
+def copy_unbuilt_stages(load_dir: str, source: tuple[int, bool], save_dir: str, iteration: int, tp: int,
+                        built_pp: int, full_pp: int) -> int:
+    """Copy every file of stages ``built_pp .. full_pp - 1`` of checkpoint ``source`` (iteration,
+    release) in ``load_dir`` into iteration ``iteration`` of ``save_dir``; returns the files copied."""
+    copied = 0
+    for stage, tp_rank, src in _unbuilt_stage_dirs(load_dir, source, tp, built_pp, full_pp):
+        dst = rank_dir(save_dir, iteration, tp_rank, stage, full_pp)
+        for name in sorted(os.listdir(src)):
+            _copy_file(os.path.join(src, name), os.path.join(dst, name))
+            copied += 1
+    return copied
+
+
+def save_run(run: TrainingRun) -> None:
+    """Save ``run.iteration`` to ``--save`` (collective)."""
+    c = run.cfg.checkpoint
+    args = run.args
+    args.iteration = run.iteration
+    if run.partial_stages and run.state.rank == 0:
+        if run.source_iteration is None:
+            log.warning("--tune-exit-pipeline-parallel-size %d without a loaded checkpoint: the save at iteration "
+                        "%d holds only the tuned stages", run.state.pp, run.iteration)
+        elif os.path.abspath(c.load) != os.path.abspath(c.save) or run.source_iteration[0] != run.iteration:
+            copy_unbuilt_stages(c.load, run.source_iteration, c.save, run.iteration, run.state.tp, run.state.pp,
+                                run.cfg.parallel.pp)
+    # Rank 0 finishes the copies before it enters save_checkpoint, whose barrier precedes the tracker move.
+    save_checkpoint(c.save, run.iteration, run.chunks, run.optimizer, run.scheduler, run.state, args,
+                    full_pp=run.cfg.parallel.pp, rng_tracker=run.rng_tracker, save_optim=not c.no_save_optim,
+                    save_rng=not c.no_save_rng)
+    run.last_saved = run.iteration

@@ -1,0 +1,48 @@
+"""EE-Tuning through the entry point: only exit parameters train, --tune-exit-pipeline-parallel-size runs
+and loads only the leading stages, and a save is still a complete model."""
+
+import filecmp
+import os
+import shutil
+
+import pytest
+import torch
+
+from megatron.training.checkpoint import checkpoint_file, read_tracker
+from megatron.testing.distributed import DistributedTestError
+from test_training_parity import run_main, tiny_argv
+
+MODEL = dict(exit_layer_nums="1", exit_layer_weight="0.5", pipeline_model_parallel_size=2, train_iters=2,
+             save_interval=2)
+SWITCHES = ["--untie-exit-output-weights", "--use-exit-norm", "--use-exit-mlp"]
+
+
+def _model(root, stage):
+    return torch.load(checkpoint_file(str(root), 2, 0, stage, 2), weights_only=False)["model"]
+
+
+def test_tune_first_stage_only_trains_exits_and_saves_a_complete_model(tmp_path):
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    run_main(2, tiny_argv(*SWITCHES, save=base, **MODEL))
+    # One process: tp 1 x 1 tuned stage x dp 1 of a two-stage model.
+    result = run_main(1, tiny_argv(*SWITCHES, "--tune-exit", "--finetune", tune_exit_pipeline_parallel_size=1,
+                                   load=base, save=tuned, eval_iters=1, eval_interval=1, **MODEL))[0]
+    assert [set(h["losses"]) for h in result.history] == [{"early loss [1]"}] * 2  # no head runs
+    assert {tuple(e) for _, e in result.evaluations} == {("early loss [1]",)}
+    assert read_tracker(str(tuned)) == (2, False)
+    before, after = _model(base, 0), _model(tuned, 0)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    exit_keys = {k for k in before if "exit" in k or ".branch." in k}
+    assert changed and changed <= exit_keys
+    assert any("exit_output_layer" in k for k in changed) and any(".branch." in k for k in changed)
+    # The stage this run never built is copied unchanged, so the tuned checkpoint is a whole model.
+    assert filecmp.cmp(checkpoint_file(str(base), 2, 0, 1, 2), checkpoint_file(str(tuned), 2, 0, 1, 2),
+                       shallow=False)
+    resumed = run_main(2, tiny_argv(*SWITCHES, "--finetune", load=tuned, **MODEL))[0]
+    assert set(resumed.history[0]["losses"]) == {"lm loss", "early loss [1]"}
+
+    # A --load without the unbuilt stages is refused before training, not in the middle of a save.
+    shutil.rmtree(os.path.dirname(checkpoint_file(str(base), 2, 0, 1, 2)))
+    with pytest.raises(DistributedTestError, match="must hold the whole model"):
+        run_main(1, tiny_argv(*SWITCHES, "--tune-exit", "--finetune", tune_exit_pipeline_parallel_size=1,
+                              load=base, save=tmp_path / "again", **MODEL))
