@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron.core.collectives import all_gather_single
 from megatron.core.distributed.grad_buffer import Bucket, GradBuffers
 from megatron.core.parallel_state import ParallelState
 from megatron.optimizer.config import OptimizerConfig
@@ -28,10 +29,6 @@ from megatron.optimizer.optimizer import MixedPrecisionOptimizer, Slot, make_mas
 from megatron.optimizer.param_groups import counted_once
 
 __all__ = ["DistributedOptimizer"]
-
-
-# torch 2.13 renamed all_gather_into_tensor (and warns on the old name); older releases only have that one.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _overlaps(bucket: Bucket, lo: int, hi: int):
@@ -114,7 +111,7 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
                     start = p.main_grad.storage_offset() - bucket.buffer.storage_offset()
                     local[start + a - lo:start + b - lo] = p.detach().view(-1)[a:b]
                 full = torch.empty(bucket.end - bucket.start, dtype=dtype, device=self.device)
-                handle = _all_gather(full, local, group=group, async_op=True)
+                handle = all_gather_single(full, local, group=group, async_op=True)
                 pending.append((bucket, full, handle))
         for bucket, full, handle in pending:
             handle.wait()

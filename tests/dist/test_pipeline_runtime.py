@@ -61,12 +61,12 @@ def data(dp_rank, mb):
     return torch.randn(S, B, H, generator=torch.Generator().manual_seed(1000 * dp_rank + mb))
 
 
-def reference_grads(schedule, dp, exit_positions):
+def reference_grads(schedule, dp, exit_positions, model_positions=None):
     """One process doing the plan: per route, losses of the positions that back-propagate, inputs
     detached where the plan does not chain the gradient."""
     header = schedule.header
-    model = Chain(header.num_positions, exit_positions)
-    last = header.num_positions - 1
+    model = Chain(model_positions or header.num_positions, exit_positions)
+    last = model.positions - 1
     for r in range(dp):
         for route in header.routes:
             x = data(r, route.mb)
@@ -83,11 +83,11 @@ def reference_grads(schedule, dp, exit_positions):
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
 
 
-def _run(rank, world, make_schedule, pp, exit_positions):
+def _run(rank, world, make_schedule, pp, exit_positions, model_positions=None):
     state = ParallelState.build(ParallelDims.from_world(world, pp=pp))
     schedule = make_schedule()
     header = schedule.header
-    model = Chain(header.num_positions, exit_positions)
+    model = Chain(model_positions or header.num_positions, exit_positions)
     stage = state.pp_rank
     mine = {c: header.position(stage, c) for c in range(header.vpp)}
     buffers = [GradBuffers(model.params_of(mine[c]), state.dp_group, state.dp) for c in range(header.vpp)]
@@ -97,7 +97,7 @@ def _run(rank, world, make_schedule, pp, exit_positions):
         if p == 0:
             x = data(state.dp_rank, mb)
         h, exits = model.block(p, x)
-        out = (h @ model.final.T).square().mean() if p == header.num_positions - 1 else h
+        out = (h @ model.final.T).square().mean() if p == model.positions - 1 else h
         return SimpleNamespace(output=out, exit_losses=exits)
 
     losses = run_schedule(schedule, stage, forward_step, comm=PipelineP2P(state), tensor_shape=(S, B, H),
@@ -140,3 +140,16 @@ def test_forward_only_reports_every_loss():
     results = run_distributed(_run, 2, make, 2, [0, 1])
     assert set(results[0][1]) == {"early loss [1]"}
     assert set(results[1][1]) == {"early loss [2]", "lm loss"}
+
+
+def test_tuning_stream_over_the_first_stages_of_a_deeper_model():
+    """--tune-exit-pipeline-parallel-size 2 of a 3-stage model: the run's last stage has no head, so its
+    output is a hidden state, not the final loss (the plan's final_loss says so)."""
+    make = lambda: ee_tuning_stream(2, 3, [0, 1])  # noqa: E731
+    want = reference_grads(make(), 1, [0, 1], model_positions=3)
+    got = {}
+    for grads, losses in run_distributed(_run, 2, make, 2, [0, 1], 3):
+        got.update(grads)
+        assert "lm loss" not in losses
+    for name, g in got.items():
+        torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7, msg=name)

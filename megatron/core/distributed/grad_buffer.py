@@ -24,6 +24,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from megatron.core.collectives import reduce_scatter_single
+
 __all__ = ["GradBuffers", "Bucket"]
 
 
@@ -170,7 +172,7 @@ class GradBuffers:
             # The output must not alias the input: reduce into a scratch shard, copied back on wait.
             lo, hi = bucket.shard(self.dp, dist.get_rank(self.dp_group))
             bucket.scratch = torch.empty_like(bucket.buffer[lo:hi])
-            bucket.handle = dist.reduce_scatter_tensor(bucket.scratch, bucket.view, group=self.dp_group, async_op=True)
+            bucket.handle = reduce_scatter_single(bucket.scratch, bucket.view, group=self.dp_group, async_op=True)
         else:
             bucket.handle = dist.all_reduce(bucket.view, group=self.dp_group, async_op=True)
 

@@ -129,7 +129,9 @@ def run_schedule(
             term = value * (weights.get(layer, 1.0) / m)
             exit_loss = term if exit_loss is None else exit_loss + term
         output = out.output
-        if position == last_position:
+        # The plan, not the position alone, says whether this output is the final loss: an EE-Tuning
+        # stream run over the first k stages ends on a stage that has no head.
+        if position == last_position and header.routes[a.mb].final_loss:
             losses.add("lm loss", output)
             output = output / m
         elif (a.chunk, a.mb) in sends_output:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron.core.collectives import all_gather_single, reduce_scatter_single
+
 __all__ = [
     "copy_to_tensor_model_parallel_region",
     "reduce_from_tensor_model_parallel_region",
@@ -66,7 +68,7 @@ def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     x = x.contiguous()
     if dim == 0:
         out = x.new_empty((x.shape[0] * n, *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x, group=group)
+        all_gather_single(out, x, group=group)
         return out
     parts = [torch.empty_like(x) for _ in range(n)]
     dist.all_gather(parts, x, group=group)
@@ -82,7 +84,7 @@ def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
         )
     x = x.contiguous()
     out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x, group=group)
+    reduce_scatter_single(out, x, group=group)
     return out
 
 
