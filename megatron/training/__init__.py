@@ -1,5 +1,6 @@
-"""Training: the typed run configuration (``config``); the loop, evaluation, logging and checkpointing
-modules join this package as they land."""
+"""Training: the typed run configuration (``config``), set-up (``setup``), the loop and evaluation
+(``loop``, ``training``), one pipeline step (``forward_backward``), checkpoints (``checkpoint``), logging
+(``logging_utils``, ``metrics``, ``trackers``) and the SIGTERM handler (``signal_handler``)."""
 
 from megatron.training.config import (
     CheckpointConfig,
