@@ -1,0 +1,1 @@
+"""Benchmarks of EE-Megatron against plain PyTorch and peer libraries; run them with ``python bench/run.py``."""
