@@ -10,12 +10,15 @@ Label smoothing follows Megatron: ``s = label_smoothing * V / (V - 1)`` and
 Padded vocab entries: by default every column takes part in the softmax, as in Megatron (the model learns
 to keep the padded rows' logits low). Passing ``vocab_size`` (the unpadded size) excludes the columns
 ``>= vocab_size`` from the softmax and from the smoothing mean, so the loss equals the unpadded loss.
+
+With a single shard and no excluded columns the function defers to ``F.cross_entropy`` (fused kernels).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .mappings import group_rank, group_size
 from .utils import vocab_range
@@ -97,4 +100,10 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: to
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= real_v):
         raise ValueError(f"targets must lie in [0, {real_v}) but range over [{int(target.min())}, "
                          f"{int(target.max())}]; the data's tokenizer and the model's vocab size disagree")
+    if group_size(tp_group) == 1 and real_v == padded_v:
+        # One shard holding every column: torch's fused log-softmax kernel gives the same loss, faster.
+        smoothing = label_smoothing * real_v / (real_v - 1)
+        loss = F.cross_entropy(vocab_parallel_logits.float().reshape(-1, padded_v), target.reshape(-1),
+                               reduction="none", label_smoothing=smoothing)
+        return loss.view(target.shape)
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target, tp_group, label_smoothing, vocab_size)
