@@ -4,6 +4,7 @@ the generated text and where the tokens left the model. Also the HTTP helpers th
 
     python tools/request_client.py --url http://localhost:5000/api --tokens 50 \
         --use-early-exit --threshold 0.8 --exit-layers 6 12
+    python tools/request_client.py --decoding speculative --draft-exit-layer 6 --num-speculative-tokens 4
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import urllib.error
 import urllib.request
 
 DEFAULT_URL = "http://localhost:5000/api"
+DECODING_MODES = ("full", "early_exit", "speculative")  # the server's request.DECODING_MODES
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompt_example.jsonl")
 
 
@@ -56,19 +58,53 @@ def add_request_flags(parser: argparse.ArgumentParser, tokens: int) -> argparse.
                         help="Only these exits may fire (default: all).")
     parser.add_argument("--print-max-prob", action="store_true",
                         help="The server logs each exit's top token and probability.")
+    parser.add_argument("--decoding", choices=DECODING_MODES, default=None,
+                        help="full depth, early exit (same as --use-early-exit) or self-speculative: drafts from "
+                             "an exit verified by the full model (same output as full depth).")
+    parser.add_argument("--draft-exit-layer", type=int, default=None,
+                        help="Speculative decoding: the exit that drafts (default: the model's first exit).")
+    parser.add_argument("--num-speculative-tokens", type=int, default=None,
+                        help="Speculative decoding: tokens drafted per verification (server default 4).")
     return parser
 
 
+def parse_request_flags(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, then check that the decoding flags agree (``parser.error`` names the clash)."""
+    args = parser.parse_args(argv)
+    decoding = args.decoding or ("early_exit" if args.use_early_exit else "full")
+    if args.use_early_exit and decoding != "early_exit":
+        parser.error(f"--use-early-exit contradicts --decoding {decoding}; drop one")
+    if decoding != "speculative" and (args.draft_exit_layer is not None or args.num_speculative_tokens is not None):
+        parser.error("--draft-exit-layer and --num-speculative-tokens need --decoding speculative")
+    args.decoding = decoding
+    return args
+
+
 def early_exit_fields(args: argparse.Namespace) -> dict:
-    return {"use_early_exit": args.use_early_exit, "early_exit_thres": args.threshold,
-            "exit_layers": list(args.exit_layers), "print_max_prob": args.print_max_prob}
+    """The decoding fields of a request body (``args`` from :func:`parse_request_flags`); speculative
+    decoding takes no threshold or exit list."""
+    decoding = args.decoding
+    if decoding != "speculative":
+        return {"use_early_exit": decoding == "early_exit", "early_exit_thres": args.threshold,
+                "exit_layers": list(args.exit_layers), "print_max_prob": args.print_max_prob}
+    fields = {"decoding": "speculative"}
+    if args.draft_exit_layer is not None:
+        fields["draft_exit_layer"] = args.draft_exit_layer
+    if args.num_speculative_tokens is not None:
+        fields["num_speculative_tokens"] = args.num_speculative_tokens
+    return fields
 
 
 def describe_exits(response: dict) -> str:
     share = response.get("exit_share") or {}
     parts = ", ".join(f"layer {layer}: {100 * s:.0f}%" for layer, s in share.items())
     speed = response.get("tokens_per_s")
-    return f"exits [{parts}]" + (f", {speed:.1f} tokens/s" if speed is not None else "")
+    text = f"exits [{parts}]" + (f", {speed:.1f} tokens/s" if speed is not None else "")
+    spec = response.get("speculative")
+    if spec:
+        text += (f", speculative: {spec['accepted']}/{spec['drafted']} drafts from exit {spec['draft_exit_layer']} "
+                 f"accepted ({100 * spec['acceptance_rate']:.0f}%)")
+    return text
 
 
 def read_prompts(path: str) -> list[str]:
@@ -92,7 +128,7 @@ def request_body(prompt: str, args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     parser = add_request_flags(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), tokens=50)
     parser.add_argument("--prompt-file", default=DEFAULT_PROMPTS, help="JSONL file of {\"text\": ...} prompts.")
-    args = parser.parse_args(argv)
+    args = parse_request_flags(parser, argv)
     failures = 0
     for prompt in read_prompts(args.prompt_file):
         body = request_body(prompt, args)

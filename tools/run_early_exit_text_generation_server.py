@@ -6,7 +6,9 @@
         --load CKPT --use-checkpoint-args --tokenizer-type SentencePieceTokenizer --tokenizer-model TOK \
         --port 5000
 
-Global rank 0 answers HTTP; the other ranks follow its broadcast requests. Without ``--load`` it
+Global rank 0 answers HTTP; the other ranks follow its broadcast requests. Open ``http://HOST:PORT/`` in a
+browser for the playground: a prompt box, the decoding mode (full depth, early exit, self-speculative)
+and the generated tokens coloured by the exit they left at. Without ``--load`` it
 refuses to start unless ``--random-weights`` is given. Start-up logic: megatron/text_generation/server_launch.py.
 """
 

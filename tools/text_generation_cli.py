@@ -3,6 +3,7 @@
 
     python tools/text_generation_cli.py --url http://localhost:5000/api --tokens 64 --use-early-exit --threshold 0.9
     python tools/text_generation_cli.py --prompt "Hello" --prompt "Goodbye"
+    python tools/text_generation_cli.py --decoding speculative --draft-exit-layer 6 --stats
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import urllib.error
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.request_client import ServerError, add_request_flags, describe_exits, early_exit_fields, put_api  # noqa: E402
+from tools.request_client import (  # noqa: E402
+    ServerError, add_request_flags, describe_exits, early_exit_fields, parse_request_flags, put_api,
+)
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -25,8 +28,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--stop", action="append", default=[], help="Stop sequence (repeatable).")
-    parser.add_argument("--stats", action="store_true", help="Also print the exit share and tokens/s.")
-    return parser.parse_args(argv)
+    parser.add_argument("--stats", action="store_true",
+                        help="Also print the exit share, tokens/s and the speculative acceptance rate.")
+    return parse_request_flags(parser, argv)
 
 
 def answer(prompt: str, args: argparse.Namespace) -> str:

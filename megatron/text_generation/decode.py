@@ -20,7 +20,7 @@ import torch
 from .early_exit import Carry
 from .engine import MODE_GEN, MODE_SCORE, RUN, Header
 
-__all__ = ["Decoded", "decode_loop", "score_loop"]
+__all__ = ["Decoded", "prompt_matrix", "decode_loop", "score_loop"]
 
 
 @dataclass
@@ -34,7 +34,8 @@ class Decoded:
     extra: dict = field(default_factory=dict)
 
 
-def _prompt_matrix(prompts: list[list[int]], width: int, device) -> torch.Tensor:
+def prompt_matrix(prompts: list[list[int]], width: int, device) -> torch.Tensor:
+    """``[b, width]`` long: each prompt left-aligned in its row, zeros after it."""
     tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
@@ -49,7 +50,7 @@ def decode_loop(runner, prompts: list[list[int]], sampling, *, stop_ids: set[int
     b, budget = len(prompts), sampling.tokens_to_generate
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     total = int(lengths.max()) + budget
-    tokens = _prompt_matrix(prompts, total, device)
+    tokens = prompt_matrix(prompts, total, device)
     logprob = torch.zeros(b, total, device=device)
     layer = torch.zeros(b, total, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -93,7 +94,7 @@ def score_loop(runner, prompts: list[list[int]]) -> list[list[float]]:
     """Log-probs of every prompt token after the first, from one full-depth forward (stage 0)."""
     device = runner.eng.device
     width = max(len(p) for p in prompts)
-    tokens = _prompt_matrix(prompts, width + 1, device)
+    tokens = prompt_matrix(prompts, width + 1, device)
     targets = tokens[:, 1:].contiguous()
     report = runner.drive(Header(RUN, MODE_SCORE, n=width, offset=0), targets.flatten().double(), tokens[:, :width])
     runner.finish()

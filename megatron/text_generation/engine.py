@@ -4,9 +4,11 @@ Every step of every decoding strategy is driven by pipeline stage 0 and follows 
 1. stage ``s`` sends stage ``s + 1`` a :class:`Header` (float64 ``[HEADER_LEN]``), then one exchange
    holding the step's payload (mode-dependent: the per-sequence :class:`~.early_exit.Carry`, scoring
    targets or beam parents) and, when the step runs, the hidden states ``[n, b, h]``;
-2. the result (:data:`MODE_GEN`: tokens and exit layers; scoring log-probs; beam candidates) reaches
-   stage 0 as a report from the last stage, or under method B from the first stage where every sequence
-   has decided (the stages before it send "continue" reports, the stages after it send none).
+2. the result (:data:`MODE_GEN`: tokens and exit layers; scoring log-probs; beam candidates; speculative
+   drafts and verdicts) reaches stage 0 as a report from the last stage, or under method B from the first
+   stage where every sequence has decided (the stages before it send "continue" reports, the stages after
+   it send none), or for a speculative draft (:data:`MODE_DRAFT`) from the draft exit's stage, where the
+   step ends (see ``speculative.py``).
 Peers are addressed by stage through :class:`PipelineP2P`, so it works under any tp and dp.
 """
 
@@ -20,10 +22,11 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel.p2p import PipelineP2P
 from megatron.core.transformer import InferenceParams
 
-__all__ = ["InferenceEngine", "Header", "HEADER_LEN", "RUN", "SKIP", "END", "MODE_GEN", "MODE_SCORE", "MODE_BEAM"]
+__all__ = ["InferenceEngine", "Header", "HEADER_LEN", "RUN", "SKIP", "END", "MODE_GEN", "MODE_SCORE", "MODE_BEAM",
+           "MODE_DRAFT", "MODE_VERIFY"]
 
 RUN, SKIP, END = 0, 1, 2
-MODE_GEN, MODE_SCORE, MODE_BEAM = 0, 1, 2
+MODE_GEN, MODE_SCORE, MODE_BEAM, MODE_DRAFT, MODE_VERIFY = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -31,7 +34,8 @@ class Header:
     """``status``: RUN, SKIP (method A: every sequence exited upstream; later stages skip the token) or
     END (generation over). ``n`` new positions written at KV ``offset``; ``step`` counts generated tokens
     (top-p decay); ``reorder``: reorder the KV rows by the payload's beam parents first; ``reported``:
-    stage 0 already has this step's result; ``force_full``: no stage may skip layers (``recompute_cap``)."""
+    stage 0 already has this step's result; ``force_full``: no stage may skip layers (``recompute_cap``);
+    ``draft``: the number of drafted tokens a speculative verify step checks."""
 
     status: int = RUN
     mode: int = MODE_GEN
@@ -41,6 +45,7 @@ class Header:
     reorder: int = 0
     reported: int = 0
     force_full: int = 0
+    draft: int = 0
 
     def pack(self, device) -> torch.Tensor:
         return torch.tensor(astuple(self), dtype=torch.float64, device=device)
@@ -109,8 +114,10 @@ class InferenceEngine:
         sends = [(payload, nxt)] + ([(hidden, nxt)] if hidden is not None else [])
         self.p2p.exchange(sends=sends)
 
-    def recv_down(self, payload_len, batch: int) -> tuple[Header, torch.Tensor | None, torch.Tensor | None]:
-        """-> (header, payload, hidden); ``payload_len(header)`` gives the payload size."""
+    def recv_down(self, payload_len, batch: int,
+                  hidden_len=None) -> tuple[Header, torch.Tensor | None, torch.Tensor | None]:
+        """-> (header, payload, hidden); ``payload_len(header)`` gives the payload size, ``hidden_len(header)``
+        the number of positions of the hidden states (default ``header.n``)."""
         prev = self.stage - 1
         (t,) = self.p2p.exchange(recvs=[((HEADER_LEN,), torch.float64, prev)])
         header = Header.unpack(t)
@@ -118,7 +125,8 @@ class InferenceEngine:
             return header, None, None
         recvs = [((payload_len(header),), torch.float64, prev)]
         if header.status == RUN:
-            recvs.append(((header.n, batch, self.config.hidden_size), self.config.params_dtype, prev))
+            n = header.n if hidden_len is None else hidden_len(header)
+            recvs.append(((n, batch, self.config.hidden_size), self.config.params_dtype, prev))
         got = self.p2p.exchange(recvs=recvs)
         return header, got[0], (got[1] if len(got) > 1 else None)
 

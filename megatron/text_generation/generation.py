@@ -1,9 +1,10 @@
 """``generate(engine, request)``: the entry point every rank of the model calls with the same request.
 
 It tokenizes, picks the strategy (scoring when ``tokens_to_generate`` is 0, beam search when
-``beam_width`` is set, else token-by-token decoding with early exit by method A or B), runs it (stage 0
-drives, the other stages serve), broadcasts stage 0's result along the pipeline and detokenizes: the
-returned :class:`GenerationResult` is the same on every rank.
+``beam_width`` is set, self-speculative decoding when ``decoding`` is ``speculative``, else
+token-by-token decoding with early exit by method A or B), runs it (stage 0 drives, the other stages
+serve), broadcasts stage 0's result along the pipeline and detokenizes: the returned
+:class:`GenerationResult` is the same on every rank; ``stats`` holds the speculative round statistics.
 
 Conventions. ``tokens``/``segments``/``logprobs``/``exit_layers`` list the generated tokens (prompt plus
 generation with ``echo_prompts``; exit layers always cover the generation only). A stop token (the
@@ -25,6 +26,8 @@ from .decode import Decoded, decode_loop, score_loop
 from .early_exit import ExitPolicy, TokenPicker, resolve_method
 from .request import GenerationRequest, GenerationResult
 from .sampling import check_sampling
+from .speculative import SpeculativeRunner
+from .speculative_decode import draft_exit, resolve_decoding, speculative_loop
 from .stage import StageRunner
 
 __all__ = ["generate", "generate_tokens"]
@@ -61,11 +64,16 @@ def _max_prob_printer(engine):
     return report
 
 
+def _generator(engine, sampling) -> torch.Generator:
+    generator = torch.Generator(device=engine.device)
+    generator.manual_seed(engine.agree_seed(sampling.random_seed))
+    return generator
+
+
 def _runner(engine, sampling, ee_params, batch: int, max_len: int) -> tuple[StageRunner, ExitPolicy]:
     policy = ExitPolicy(ee_params, engine.ee_config, engine.num_layers)
     method = resolve_method(ee_params, engine.state.pp)
-    generator = torch.Generator(device=engine.device)
-    generator.manual_seed(engine.agree_seed(sampling.random_seed))
+    generator = _generator(engine, sampling)
     printer = _max_prob_printer(engine) if ee_params.print_max_prob else None
     picker = TokenPicker(policy, sampling, generator, engine.vocab, newline_ban=_newline_ban(engine, sampling),
                          report=printer)
@@ -81,8 +89,15 @@ def generate_tokens(engine, prompts: list[list[int]], sampling, ee_params, obser
     stop_ids = _stop_ids(engine, sampling)
     max_len = max(len(p) for p in prompts) + max(sampling.tokens_to_generate, 0)
     _check_positions(engine.config, max_len)
+    mode = resolve_decoding(ee_params)
+    if mode == "early_exit" and not ee_params.use_early_exit:
+        ee_params = replace(ee_params, use_early_exit=True)
     if sampling.beam_width is not None:
+        if mode == "speculative":
+            raise ValueError("beam_width: beam search runs at full depth; use decoding 'full'")
         return _beam(engine, prompts, sampling, ee_params, stop_ids, max_len, observer)
+    if mode == "speculative" and sampling.tokens_to_generate > 0:
+        return _speculative(engine, prompts, sampling, ee_params, stop_ids, max_len, observer)
     runner, policy = _runner(engine, sampling, ee_params, len(prompts), max_len)
     runner.observer = observer
     if not engine.is_first:
@@ -121,6 +136,20 @@ def _beam(engine, prompts, sampling, ee_params, stop_ids, max_len, observer) -> 
     beams, scores = beam_loop(runner, prompts[0], sampling, stop_ids)
     full = [[engine.num_layers] * len(b) for b in beams]
     return engine.broadcast_from_first(Decoded(beams, [[] for _ in beams], full, extra={"scores": scores}))
+
+
+def _speculative(engine, prompts, sampling, ee_params, stop_ids, max_len, observer) -> Decoded:
+    layer = draft_exit(ee_params, list(engine.ee_config.exit_layer_nums), engine.num_layers)
+    runner = SpeculativeRunner(engine, len(prompts), max_len, layer, sampling, _generator(engine, sampling),
+                               newline_ban=_newline_ban(engine, sampling))
+    runner.observer = observer
+    if not engine.is_first:
+        runner.serve()
+        return engine.broadcast_from_first(None)
+    out = speculative_loop(runner, prompts, sampling, stop_ids=stop_ids,
+                           stop_check=_stop_sequence_check(engine, sampling), k=ee_params.num_speculative_tokens,
+                           num_layers=engine.num_layers)
+    return engine.broadcast_from_first(out)
 
 
 def _stop_sequence_check(engine, sampling):
@@ -166,6 +195,7 @@ def generate(engine, request: GenerationRequest) -> GenerationResult:
         scored = generate_tokens(engine, prompts, replace(sampling, tokens_to_generate=0), request.early_exit)
         logprobs = [p + g for p, g in zip(scored.prompt_logprobs, logprobs)]
     want_lp = (sampling.logprobs or sampling.tokens_to_generate == 0) and sampling.beam_width is None
+    stats = {key: value for key, value in out.extra.items() if key == "speculative"}
     return GenerationResult(texts=texts, segments=segments, tokens=tokens, logprobs=logprobs if want_lp else None,
                             exit_layers=out.exit_layers, num_generated=sum(len(t) for t in out.tokens),
-                            elapsed_s=time.perf_counter() - start)
+                            elapsed_s=time.perf_counter() - start, stats=stats)

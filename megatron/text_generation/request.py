@@ -19,13 +19,15 @@ import torch
 __all__ = [
     "SamplingParams", "EarlyExitParams", "GenerationRequest", "GenerationResult", "RequestError",
     "parse_api_request", "parse_completions_request", "broadcast_request", "SHUTDOWN",
-    "MAX_PROMPTS", "EXIT_METHODS",
+    "MAX_PROMPTS", "EXIT_METHODS", "DECODING_MODES", "MAX_SPECULATIVE_TOKENS",
 ]
 
 MAX_PROMPTS = 128
 MAX_TOP_K = 1000
 MAX_TEMPERATURE = 100.0
 EXIT_METHODS = ("auto", "recompute", "pipeline")
+DECODING_MODES = ("full", "early_exit", "speculative")
+MAX_SPECULATIVE_TOKENS = 64
 SHUTDOWN = "shutdown"  # the broadcast message that ends the non-zero ranks' serving loop
 
 
@@ -59,6 +61,11 @@ class EarlyExitParams:
     use_temperature: bool = False  # apply --exit-layer-temperature to exit logits for the confidence
     print_max_prob: bool = False
     confidence: str = "top1"
+    # "full", "early_exit" (use_early_exit: true is the older spelling) or "speculative": drafts from
+    # draft_exit_layer (None: the first exit), num_speculative_tokens per round, verified at full depth
+    decoding: str = "full"
+    draft_exit_layer: int | None = None
+    num_speculative_tokens: int = 4
 
 
 @dataclass
@@ -77,6 +84,7 @@ class GenerationResult:
     exit_layers: list[list[int]]  # per generated token, the layer it left at (num_layers = full depth)
     num_generated: int
     elapsed_s: float
+    stats: dict = field(default_factory=dict)  # decoding statistics, e.g. "speculative": acceptance rate
 
 
 class RequestError(ValueError):
@@ -174,8 +182,12 @@ def _early_exit(f: _Fields, default_thres: float) -> EarlyExitParams:
     exit_layers = f.int_list("exit_layers")
     if any(layer < 1 for layer in exit_layers):
         raise RequestError("exit_layers", f"layers are numbered from 1, got {exit_layers}")
+    decoding = _decoding(f)
     return EarlyExitParams(
-        use_early_exit=f.bool("use_early_exit", False),
+        use_early_exit=decoding == "early_exit",
+        decoding=decoding,
+        draft_exit_layer=f.int("draft_exit_layer", None, lo=1),
+        num_speculative_tokens=f.int("num_speculative_tokens", 4, lo=1, hi=MAX_SPECULATIVE_TOKENS),
         early_exit_thres=f.float("early_exit_thres", default_thres, lo=0.0, hi=1.0),
         exit_layers=exit_layers,
         method=method,
@@ -183,6 +195,25 @@ def _early_exit(f: _Fields, default_thres: float) -> EarlyExitParams:
         use_temperature=f.bool("use_exit_temperature", False),
         print_max_prob=f.bool("print_max_prob", False),
     )
+
+
+def _decoding(f: _Fields) -> str:
+    """``decoding``, reconciled with the older ``use_early_exit`` flag; the speculative-only fields
+    are refused with another mode (they would be silently ignored)."""
+    use_ee = f.bool("use_early_exit", False)
+    decoding = f.raw("decoding", None)
+    if decoding is None:
+        decoding = "early_exit" if use_ee else "full"
+    elif decoding not in DECODING_MODES:
+        raise RequestError("decoding", f"must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
+    elif use_ee and decoding != "early_exit":
+        raise RequestError("use_early_exit", f"contradicts decoding {decoding!r}; drop use_early_exit (decoding "
+                                             "'early_exit' replaces it)")
+    if decoding != "speculative":
+        for name in ("draft_exit_layer", "num_speculative_tokens"):
+            if f.has(name):
+                raise RequestError(name, "only applies to decoding 'speculative'")
+    return decoding
 
 
 def _apply_temperature(sampling: SamplingParams, temperature: float) -> None:
@@ -197,11 +228,12 @@ def _apply_temperature(sampling: SamplingParams, temperature: float) -> None:
 
 def parse_api_request(body: Any) -> GenerationRequest:
     """EE-LLM's ``PUT /api`` body (reference 8.6) -> :class:`GenerationRequest`, with its bugs fixed."""
-    f = _Fields(body, known_extra=("no_log",))
+    f = _Fields(body, known_extra=("no_log", "token_pieces"))
     for legacy, current in (("max_len", "tokens_to_generate"), ("sentences", "prompts")):
         if legacy in f.body:
             raise RequestError(legacy, f"is a legacy field name; use {current!r}")
     f.bool("no_log", False)
+    f.bool("token_pieces", False)  # shapes the response (text piece per token), read by the server
     add_bos = f.bool("add_BOS", False)
     prompts = _prompts(f, "prompts", add_bos)
     tokens = f.int("tokens_to_generate", 64, lo=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_sampling", "top_p_at", "select_tokens", "token_logprobs"]
+__all__ = ["check_sampling", "top_p_at", "is_greedy", "sampling_probs", "select_tokens", "token_logprobs"]
 
 
 def check_sampling(params) -> None:
@@ -42,16 +42,14 @@ def top_p_at(params, step: int) -> float:
     return p
 
 
-def _is_greedy(params) -> bool:
+def is_greedy(params) -> bool:
     return params.greedy or params.top_k == 1
 
 
-def select_tokens(logits: torch.Tensor, params, step: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``logits`` ``[m, V]`` (already restricted to the real vocabulary) -> token ids ``[m]``."""
-    if logits.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=logits.device)
-    if _is_greedy(params):
-        return logits.argmax(dim=-1)
+def sampling_probs(logits: torch.Tensor, params, step: int) -> torch.Tensor:
+    """The distribution sampling draws from: ``logits`` ``[m, V]`` after temperature, top-k and top-p
+    (at generation ``step``) -> probabilities ``[m, V]`` (float32). Speculative sampling compares two
+    of these, so the draft and the full model go through exactly the same transformation."""
     x = logits.float() / params.temperature
     if params.top_k > 0:
         kth = torch.topk(x, min(params.top_k, x.shape[-1]), dim=-1).values[:, -1:]
@@ -59,8 +57,16 @@ def select_tokens(logits: torch.Tensor, params, step: int, generator: torch.Gene
     p = top_p_at(params, step)
     if p > 0.0:
         x = _nucleus(x, p)
-    probs = torch.softmax(x, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.softmax(x, dim=-1)
+
+
+def select_tokens(logits: torch.Tensor, params, step: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``logits`` ``[m, V]`` (already restricted to the real vocabulary) -> token ids ``[m]``."""
+    if logits.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=logits.device)
+    if is_greedy(params):
+        return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, params, step), 1, generator=generator).squeeze(-1)
 
 
 def _nucleus(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The inference HTTP server: EE-LLM's ``PUT /api``, OpenAI's ``POST /v1/completions`` (streaming too)
-and ``GET /health``, served by a stdlib ``ThreadingHTTPServer`` on global rank 0.
+"""The inference HTTP server: EE-LLM's ``PUT /api``, OpenAI's ``POST /v1/completions`` (streaming too),
+``GET /health`` and the playground page (``GET /``, files under ``GET /static/``, from the package's
+``static/`` folder), served by a stdlib ``ThreadingHTTPServer`` on global rank 0.
 
 Every rank of the model must call ``generate`` with the same request, so the server does not call the
 model itself: it calls a *generate function* (injected; tests pass a fake one) through a
@@ -18,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable
 
 from megatron.text_generation.request import (
@@ -34,6 +36,7 @@ from megatron.text_generation.server_responses import (
     api_response,
     completion_chunks,
     completion_response,
+    text_pieces,
 )
 
 __all__ = [
@@ -45,6 +48,9 @@ log = logging.getLogger(__name__)
 
 GenerateFn = Callable[[GenerationRequest], GenerationResult]
 MAX_BODY_BYTES = 16 << 20
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8"}
 
 
 @dataclass
@@ -89,7 +95,21 @@ class GenerationService:
         if ee.method == "pipeline" and self.info.pp == 1:
             raise RequestError("method", "the pipeline method needs pipeline parallelism (pp > 1); use "
                                          "'recompute' or 'auto'")
+        if ee.decoding == "speculative":
+            self._check_speculative(request)
         self._check_length(request)
+
+    def _check_speculative(self, request: GenerationRequest) -> None:
+        exits, layer = self.info.exit_layers, request.early_exit.draft_exit_layer
+        if not exits:
+            raise RequestError("decoding", "this model has no exits to draft with; use decoding 'full'")
+        if layer is not None and layer not in exits:
+            raise RequestError("draft_exit_layer", f"layer {layer} has no exit; this model's exits are {exits}")
+        if layer is not None and self.info.num_layers is not None and layer >= self.info.num_layers:
+            raise RequestError("draft_exit_layer", f"layer {layer} is the full depth: drafting there saves "
+                                                   "nothing; pick an earlier exit")
+        if request.sampling.beam_width is not None:
+            raise RequestError("beam_width", "beam search runs at full depth; use decoding 'full'")
 
     def _check_length(self, request: GenerationRequest) -> None:
         """Rejecting an over-long request here matters beyond the message: a rank that fails half-way
@@ -169,12 +189,31 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), fmt % args)
 
     def do_GET(self) -> None:
-        if self.path.rstrip("/") == "/health":
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path == "/health":
             svc = self.server.service
             self._send_json(200, {"status": "ok", "model": svc.info.name, "num_layers": svc.info.num_layers,
                                   "exit_layers": svc.info.exit_layers, "requests_served": svc.requests_served})
+        elif path in ("", "/playground"):
+            self._send_static("index.html")
+        elif path.startswith("/static/"):
+            self._send_static(path[len("/static/"):])
         else:
             self._not_found()
+
+    def _send_static(self, name: str) -> None:
+        """A file of the playground: only plain names of files in ``STATIC_DIR`` (no paths)."""
+        file = STATIC_DIR / name
+        if "/" in name or "\\" in name or file.suffix not in CONTENT_TYPES or not file.is_file():
+            self._not_found()
+            return
+        data = file.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPES[file.suffix])
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_PUT(self) -> None:
         if self.path.rstrip("/") == "/api":
@@ -192,8 +231,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._not_found()
 
     def _not_found(self) -> None:
-        self._send_json(404, {"error": f"no endpoint {self.path}; use PUT /api, POST /v1/completions or "
-                                       "GET /health"})
+        self._send_json(404, {"error": f"no endpoint {self.path}; use PUT /api, POST /v1/completions, "
+                                       "GET /health or GET / (the playground)"})
 
     def _serve(self, endpoint) -> None:
         try:
@@ -229,7 +268,18 @@ class _Handler(BaseHTTPRequestHandler):
         if not body.get("no_log", False):
             log.info("PUT /api: %d prompt(s), %d token(s) in %.3fs", len(request.prompts), result.num_generated,
                      elapsed)
-        self._send_json(200, api_response(result, elapsed))
+        self._send_json(200, api_response(result, elapsed, self._pieces(request, result) if body.get("token_pieces")
+                                          else None))
+
+    def _pieces(self, request: GenerationRequest, result: GenerationResult) -> list[list[str]]:
+        """``token_pieces``: each token's text, continuing its prompt's text (unless echoed)."""
+        info = self.server.service.info
+        if info.detokenize is None:
+            return result.segments
+        echo = request.sampling.echo_prompts or info.tokenize is None
+        prompts = request.prompts  # beam search: every row continues the one prompt
+        return [text_pieces(ids, info.detokenize, [] if echo else info.tokenize(prompts[i % len(prompts)]))
+                for i, ids in enumerate(result.tokens)]
 
     def _completions(self, body: Any) -> None:
         request, options = parse_completions_request(body)

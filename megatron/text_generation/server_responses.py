@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 
 from megatron.text_generation.request import GenerationRequest, GenerationResult
 
-__all__ = ["exit_share", "tokens_per_s", "api_response", "Completion", "completion_response", "completion_chunks"]
+__all__ = ["exit_share", "tokens_per_s", "text_pieces", "api_response", "Completion", "completion_response",
+           "completion_chunks"]
 
 
 def exit_share(exit_layers: list[list[int]]) -> dict[str, float]:
@@ -31,10 +32,26 @@ def tokens_per_s(result: GenerationResult) -> float:
     return result.num_generated / result.elapsed_s if result.elapsed_s > 0 else 0.0
 
 
-def api_response(result: GenerationResult, request_time: float) -> dict:
+def text_pieces(ids: list[int], detokenize: Callable[[list[int]], str], prefix: list[int] = ()) -> list[str]:
+    """One text piece per token of ``ids``: what the token adds to the detokenized text (of ``prefix``
+    followed by ``ids``: a generation's pieces after its prompt). Detokenizing tokens one by one is wrong
+    for most tokenizers (SentencePiece drops a piece's leading space, byte-level BPE splits characters),
+    so each piece is the growth of the detokenized prefix; a token that leaves it unfinished adds ""."""
+    prefix = list(prefix)
+    pieces, shown = [], detokenize(prefix) if prefix else ""
+    for k in range(1, len(ids) + 1):
+        text = detokenize(prefix + ids[:k])
+        pieces.append(text[len(shown):] if text.startswith(shown) else "")
+        shown = text if text.startswith(shown) else shown
+    return pieces
+
+
+def api_response(result: GenerationResult, request_time: float, pieces: list[list[str]] | None = None) -> dict:
     """EE-LLM's ``PUT /api`` body: ``text``, ``segments``, ``logprobs``, ``requst_time``; plus ours:
-    ``tokens_per_s``, per-token ``exit_layers`` and ``exit_share``."""
-    return {
+    ``tokens_per_s``, per-token ``exit_layers``, ``exit_share``, the decoding statistics of
+    ``result.stats`` (``speculative``: acceptance rate, drafted and accepted tokens, rounds) and, when
+    given, ``token_pieces`` (see :func:`text_pieces`; one per entry of ``result.tokens``)."""
+    body = {
         "text": result.texts,
         "segments": result.segments,
         "logprobs": result.logprobs,
@@ -42,7 +59,11 @@ def api_response(result: GenerationResult, request_time: float) -> dict:
         "tokens_per_s": tokens_per_s(result),
         "exit_layers": result.exit_layers,
         "exit_share": exit_share(result.exit_layers),
+        **result.stats,
     }
+    if pieces is not None:
+        body["token_pieces"] = pieces
+    return body
 
 
 @dataclass
@@ -64,19 +85,11 @@ class Completion:
         return "length" if generated >= self.request.sampling.tokens_to_generate else "stop"
 
     def pieces(self, result: GenerationResult, i: int) -> list[str]:
-        """One text piece per entry of ``result.tokens[i]``: what the token adds to the detokenized
-        text. Detokenizing tokens one by one is wrong for most tokenizers (SentencePiece drops a
-        piece's leading space, byte-level BPE splits characters), so each piece is the growth of the
-        detokenized prefix; a token that leaves the prefix unfinished adds "". Without ``detokenize``
-        the core's segments are used."""
+        """One text piece per entry of ``result.tokens[i]`` (:func:`text_pieces`); without
+        ``detokenize`` the core's segments are used."""
         if self.detokenize is None:
             return list(result.segments[i])
-        ids, pieces, shown = result.tokens[i], [], ""
-        for k in range(1, len(ids) + 1):
-            text = self.detokenize(ids[:k])
-            pieces.append(text[len(shown):] if text.startswith(shown) else "")
-            shown = text if text.startswith(shown) else shown
-        return pieces
+        return text_pieces(result.tokens[i], self.detokenize)
 
     def logprobs(self, result: GenerationResult, i: int, pieces: list[str]) -> dict | None:
         """OpenAI's per-choice ``logprobs`` object, one entry per token; the first token of an echoed
@@ -98,7 +111,8 @@ class Completion:
 
 def completion_response(result: GenerationResult, c: Completion) -> dict:
     """OpenAI's ``text_completion`` object (``n`` = 1: one choice per prompt) with ``usage``, plus the
-    early-exit extras ``exit_layers`` (per choice), ``exit_share`` and ``tokens_per_s``."""
+    early-exit extras ``exit_layers`` (per choice), ``exit_share``, ``tokens_per_s`` and the decoding
+    statistics of ``result.stats`` (``speculative``)."""
     choices = []
     for i, text in enumerate(result.texts):
         choices.append({"text": text, "index": i, "finish_reason": c.finish_reason(result, i),
@@ -108,7 +122,7 @@ def completion_response(result: GenerationResult, c: Completion) -> dict:
     usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": completion,
              "total_tokens": c.prompt_tokens + completion}
     return {**c.envelope(choices), "usage": usage, "exit_share": exit_share(result.exit_layers),
-            "tokens_per_s": tokens_per_s(result)}
+            "tokens_per_s": tokens_per_s(result), **result.stats}
 
 
 def _stream_pieces(text: str, pieces: list[str]) -> list[tuple[str, int | None]]:
