@@ -30,7 +30,7 @@ __all__ = ["BENCHMARKS", "main", "run_one"]
 
 # The suite's benchmarks in running order (reported as skipped when their file is absent), then any other
 # bench_<name>.py following the convention.
-_SUITE = ("training", "schedules", "data", "inference")
+_SUITE = ("training", "schedules", "data", "inference", "speculative")
 BENCHMARKS = _SUITE + tuple(sorted(
     name for name in (f[len("bench_"):-len(".py")] for f in os.listdir(os.path.join(ROOT, "bench"))
                       if f.startswith("bench_") and f.endswith(".py"))

@@ -64,3 +64,8 @@ def test_runner_reports_missing_and_rejects_unknown(tmp_path, capsys):
 def test_table_rejects_ragged_rows():
     with pytest.raises(ValueError, match="has 1 cells for 2 columns"):
         table("t", ["a", "b"], [["x"]])
+
+
+def test_speculative_quick(tmp_path):
+    r = run_quick("speculative", tmp_path)
+    assert all(row[-1] == "yes" for row in r["tables"][0]["rows"])  # speculative output equals full depth
