@@ -47,7 +47,7 @@ setup(
     package_data={"megatron": ["**/*.html", "**/*.js", "**/*.css", "data/*.cpp"]},
     install_requires=["torch>=2.3", "numpy", "sentencepiece", "regex", "pybind11"],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers", "safetensors", "tokenizers", "matplotlib", "gguf", "selenium"],
+        "test": ["pytest", "pytest-timeout", "transformers", "safetensors", "tokenizers", "matplotlib", "gguf", "selenium", "accelerate"],
         "gguf": ["gguf"],
         "viz": ["matplotlib"],
         "gpu": ["flash-attn", "transformer-engine"],
