@@ -4,6 +4,7 @@ the generated text and where the tokens left the model. Also the HTTP helpers th
 
     python tools/request_client.py --url http://localhost:5000/api --tokens 50 \
         --use-early-exit --threshold 0.8 --exit-layers 6 12
+    python tools/request_client.py --use-early-exit --threshold 0.4 --confidence margin --threshold-decay 4
     python tools/request_client.py --decoding speculative --draft-exit-layer 6 --num-speculative-tokens 4
 """
 
@@ -19,6 +20,7 @@ import urllib.request
 
 DEFAULT_URL = "http://localhost:5000/api"
 DECODING_MODES = ("full", "early_exit", "speculative")  # the server's request.DECODING_MODES
+CONFIDENCE_MEASURES = ("top1", "margin", "entropy", "cosine")  # the server's confidence.MEASURES
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompt_example.jsonl")
 
 
@@ -53,7 +55,14 @@ def add_request_flags(parser: argparse.ArgumentParser, tokens: int) -> argparse.
     parser.add_argument("--tokens", type=int, default=tokens, help="Tokens to generate per prompt.")
     parser.add_argument("--use-early-exit", action="store_true", help="Let tokens leave at the exits.")
     parser.add_argument("--threshold", type=float, default=1.0,
-                        help="early_exit_thres: a token exits when its top-1 probability reaches this.")
+                        help="early_exit_thres: a token exits when its confidence (--confidence) reaches this.")
+    parser.add_argument("--confidence", choices=CONFIDENCE_MEASURES, default=None,
+                        help="Early exit: the confidence measure (server default top1: the top-1 probability; "
+                             "margin: top-1 minus top-2; entropy: 1 - normalised entropy; cosine: CALM's "
+                             "similarity of the hidden states at consecutive exits).")
+    parser.add_argument("--threshold-decay", type=float, default=None,
+                        help="Early exit: CALM's decaying threshold with this decay temperature (>= 0): "
+                             "0.9 threshold + 0.1 exp(-decay t / tokens), t the generated token's index.")
     parser.add_argument("--exit-layers", type=int, nargs="*", default=[],
                         help="Only these exits may fire (default: all).")
     parser.add_argument("--print-max-prob", action="store_true",
@@ -76,6 +85,10 @@ def parse_request_flags(parser: argparse.ArgumentParser, argv=None) -> argparse.
         parser.error(f"--use-early-exit contradicts --decoding {decoding}; drop one")
     if decoding != "speculative" and (args.draft_exit_layer is not None or args.num_speculative_tokens is not None):
         parser.error("--draft-exit-layer and --num-speculative-tokens need --decoding speculative")
+    if decoding != "early_exit" and (args.confidence is not None or args.threshold_decay is not None):
+        parser.error("--confidence and --threshold-decay need --use-early-exit (or --decoding early_exit)")
+    if args.threshold_decay is not None and not args.threshold_decay >= 0:
+        parser.error(f"--threshold-decay must be >= 0, got {args.threshold_decay}")
     args.decoding = decoding
     return args
 
@@ -85,8 +98,13 @@ def early_exit_fields(args: argparse.Namespace) -> dict:
     decoding takes no threshold or exit list."""
     decoding = args.decoding
     if decoding != "speculative":
-        return {"use_early_exit": decoding == "early_exit", "early_exit_thres": args.threshold,
-                "exit_layers": list(args.exit_layers), "print_max_prob": args.print_max_prob}
+        fields = {"use_early_exit": decoding == "early_exit", "early_exit_thres": args.threshold,
+                  "exit_layers": list(args.exit_layers), "print_max_prob": args.print_max_prob}
+        if args.confidence is not None:
+            fields["confidence"] = args.confidence
+        if args.threshold_decay is not None:
+            fields["threshold_decay"] = args.threshold_decay
+        return fields
     fields = {"decoding": "speculative"}
     if args.draft_exit_layer is not None:
         fields["draft_exit_layer"] = args.draft_exit_layer

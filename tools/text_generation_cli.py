@@ -3,6 +3,7 @@
 
     python tools/text_generation_cli.py --url http://localhost:5000/api --tokens 64 --use-early-exit --threshold 0.9
     python tools/text_generation_cli.py --prompt "Hello" --prompt "Goodbye"
+    python tools/text_generation_cli.py --use-early-exit --threshold 0.3 --confidence entropy --threshold-decay 4
     python tools/text_generation_cli.py --decoding speculative --draft-exit-layer 6 --stats
 """
 

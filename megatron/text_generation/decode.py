@@ -64,7 +64,8 @@ def decode_loop(runner, prompts: list[list[int]], sampling, *, stop_ids: set[int
         force = recompute_cap is not None and consecutive >= recompute_cap
         step = c - int(lengths.min())
         header = Header(RUN, MODE_GEN, n=c - full, offset=full, step=step, force_full=int(force))
-        report = runner.drive(header, Carry.start(~active, tokens[:, c - 1]).pack(), tokens[:, full:c])
+        carry = Carry.start(~active, tokens[:, c - 1]).pack(runner.carry_hidden)
+        report = runner.drive(header, carry, tokens[:, full:c])
         res = Carry.unpack(report[2:])
         tokens[active, c], logprob[active, c], layer[active, c] = res.token[active], res.logprob[active], \
             res.exit_layer[active]

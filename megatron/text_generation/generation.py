@@ -70,14 +70,15 @@ def _generator(engine, sampling) -> torch.Generator:
     return generator
 
 
-def _runner(engine, sampling, ee_params, batch: int, max_len: int) -> tuple[StageRunner, ExitPolicy]:
+def _runner(engine, sampling, ee_params, prompts: list[list[int]], max_len: int) -> tuple[StageRunner, ExitPolicy]:
     policy = ExitPolicy(ee_params, engine.ee_config, engine.num_layers)
     method = resolve_method(ee_params, engine.state.pp)
     generator = _generator(engine, sampling)
     printer = _max_prob_printer(engine) if ee_params.print_max_prob else None
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=engine.device)
     picker = TokenPicker(policy, sampling, generator, engine.vocab, newline_ban=_newline_ban(engine, sampling),
-                         report=printer)
-    return StageRunner(engine, batch, max_len, method, picker), policy
+                         report=printer, lags=lengths - lengths.min())
+    return StageRunner(engine, len(prompts), max_len, method, picker), policy
 
 
 def generate_tokens(engine, prompts: list[list[int]], sampling, ee_params, observer=None) -> Decoded:
@@ -98,7 +99,7 @@ def generate_tokens(engine, prompts: list[list[int]], sampling, ee_params, obser
         return _beam(engine, prompts, sampling, ee_params, stop_ids, max_len, observer)
     if mode == "speculative" and sampling.tokens_to_generate > 0:
         return _speculative(engine, prompts, sampling, ee_params, stop_ids, max_len, observer)
-    runner, policy = _runner(engine, sampling, ee_params, len(prompts), max_len)
+    runner, policy = _runner(engine, sampling, ee_params, prompts, max_len)
     runner.observer = observer
     if not engine.is_first:
         runner.serve()

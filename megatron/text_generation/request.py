@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .confidence import MEASURES
+
 __all__ = [
     "SamplingParams", "EarlyExitParams", "GenerationRequest", "GenerationResult", "RequestError",
     "parse_api_request", "parse_completions_request", "broadcast_request", "SHUTDOWN",
@@ -60,7 +62,8 @@ class EarlyExitParams:
     recompute_cap: int | None = None  # force a full-depth pass after this many consecutive exits (A)
     use_temperature: bool = False  # apply --exit-layer-temperature to exit logits for the confidence
     print_max_prob: bool = False
-    confidence: str = "top1"
+    confidence: str = "top1"  # top1, margin, entropy or cosine (see confidence.py)
+    threshold_decay: float | None = None  # None / 0: constant threshold; else CALM's decay temperature tau
     # "full", "early_exit" (use_early_exit: true is the older spelling) or "speculative": drafts from
     # draft_exit_layer (None: the first exit), num_speculative_tokens per round, verified at full depth
     decoding: str = "full"
@@ -183,6 +186,7 @@ def _early_exit(f: _Fields, default_thres: float) -> EarlyExitParams:
     if any(layer < 1 for layer in exit_layers):
         raise RequestError("exit_layers", f"layers are numbered from 1, got {exit_layers}")
     decoding = _decoding(f)
+    measure, decay = _confidence(f, decoding)
     return EarlyExitParams(
         use_early_exit=decoding == "early_exit",
         decoding=decoding,
@@ -194,7 +198,25 @@ def _early_exit(f: _Fields, default_thres: float) -> EarlyExitParams:
         recompute_cap=f.int("recompute_cap", None, lo=1),
         use_temperature=f.bool("use_exit_temperature", False),
         print_max_prob=f.bool("print_max_prob", False),
+        confidence=measure,
+        threshold_decay=decay,
     )
+
+
+def _confidence(f: _Fields, decoding: str) -> tuple[str, float | None]:
+    """``confidence`` (the measure) and ``threshold_decay`` (CALM's tau; absent or null: a constant
+    threshold). They shape early exits only and are refused with another decoding (they would be
+    silently ignored)."""
+    if decoding != "early_exit":
+        for name in ("confidence", "threshold_decay"):
+            if f.has(name):
+                raise RequestError(name, "only applies to decoding 'early_exit' (or use_early_exit: true)")
+    measure = f.raw("confidence", "top1")
+    if measure not in MEASURES:
+        raise RequestError("confidence", f"must be one of {', '.join(MEASURES)}, got {measure!r}")
+    f.read.add("threshold_decay")
+    decay = f.float("threshold_decay", 0.0, lo=0.0) if f.has("threshold_decay") else None
+    return measure, decay
 
 
 def _decoding(f: _Fields) -> str:

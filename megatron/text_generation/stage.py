@@ -5,8 +5,9 @@ Stage 0 calls :meth:`StageRunner.drive` once per step and gets the step's report
 calls :meth:`StageRunner.serve`, which follows stage 0's headers until END. Every rank advances its own
 KV offset from the header, so all layers of every stage agree on what is cached.
 
-Reports (float64): generation ``[complete, full_depth, carry (4 b)]``; scoring the log-probs of the
-payload's targets ``[b n]``; beam search the top ``k`` log-probs and ids of every row ``[2 b k]``.
+Reports (float64): generation ``[complete, full_depth, carry (4 b)]`` (the carry's decisions only: the
+``cosine`` measure's hidden state goes down the pipeline in the payload, never back); scoring the log-probs
+of the payload's targets ``[b n]``; beam search the top ``k`` log-probs and ids of every row ``[2 b k]``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ class StageRunner:
     def __init__(self, eng, batch: int, max_len: int, method: str = RECOMPUTE, picker=None, beam_k: int = 0):
         self.eng, self.b, self.method, self.picker, self.beam_k = eng, batch, method, picker, beam_k
         self.kv = eng.new_cache(batch, max_len)
+        needs_hidden = picker is not None and picker.policy.enabled and picker.policy.needs_hidden
+        self.carry_hidden = eng.config.hidden_size if needs_hidden else 0  # Carry.pack's hidden_size
         self.observer = None  # observer(runner, header) after every step on this stage (tests)
 
     # ------------------------------------------------------------------ sizes
     def payload_len(self, h: Header) -> int:
-        return {MODE_GEN: 4 * self.b, MODE_SCORE: self.b * h.n, MODE_BEAM: self.b}[h.mode]
+        gen = Carry.packed_len(self.b, self.carry_hidden)
+        return {MODE_GEN: gen, MODE_SCORE: self.b * h.n, MODE_BEAM: self.b}[h.mode]
 
     def report_len(self, h: Header) -> int:
         return {MODE_GEN: 2 + 4 * self.b, MODE_SCORE: self.b * h.n, MODE_BEAM: 2 * self.b * self.beam_k}[h.mode]
@@ -94,22 +98,25 @@ class StageRunner:
 
     def _run_gen(self, header: Header, payload: torch.Tensor, ids, hidden):
         eng, picker = self.eng, self.picker
-        carry = Carry.unpack(payload)
+        carry = Carry.unpack(payload, self.carry_hidden)
         status, out_hidden = header.status, None
         if status == RUN:
             picker.begin(carry, header.step)
-            # exits excluded by exit_layers are not consulted (EE-LLM evaluated them all)
-            exits_here = picker.policy.enabled and bool(picker.policy.layers & set(eng.stage_exits))
+            # exits excluded by exit_layers are not consulted (EE-LLM evaluated them all), except under
+            # cosine, where the next exit compares with their hidden states
+            exits_here = picker.policy.enabled and bool(picker.policy.evaluated & set(eng.stage_exits))
+            with_hidden = bool(self.carry_hidden)
             if self.method == RECOMPUTE and not header.force_full:
                 decider = picker.decide if exits_here else None
                 out = eng.model.infer(ids, inference_params=self.kv, hidden_states=hidden, num_last=1,
-                                      exit_decider=decider, exited=carry.exited if decider else None)
+                                      exit_decider=decider, exited=carry.exited if decider else None,
+                                      exit_hidden=with_hidden)
             else:  # no layer may be skipped (method B, or A's capped window): decide after the chunk ran
                 evaluate = exits_here and not bool(carry.exited.all())
                 out = eng.model.infer(ids, inference_params=self.kv, hidden_states=hidden, num_last=1,
-                                      evaluate_exits=evaluate)
+                                      evaluate_exits=evaluate, exit_hidden=with_hidden)
                 for layer in sorted(out.exit_logits):
-                    picker.decide(layer, out.exit_logits[layer])
+                    picker.decide(layer, out.exit_logits[layer], out.exit_hidden.get(layer))
             if out.stopped:
                 status = SKIP
             elif eng.is_last:
@@ -128,7 +135,7 @@ class StageRunner:
                 report = [0.0, 1.0]  # "continue": stage 0 waits for a later stage
         if report is not None:
             report = torch.cat([torch.tensor(report, dtype=torch.float64, device=eng.device), carry.pack()])
-        return out_header, carry.pack(), (out_hidden if status == RUN else None), report
+        return out_header, carry.pack(self.carry_hidden), (out_hidden if status == RUN else None), report
 
     # ------------------------------------------------------------------ heads of the other modes
     def _score(self, logits: torch.Tensor, payload: torch.Tensor) -> torch.Tensor:

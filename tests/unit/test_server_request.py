@@ -86,6 +86,12 @@ def test_sampling_fields():
     ({"prompts": "a", "method": "magic"}, "method"),
     ({"prompts": "a", "temprature": 1.0}, "temprature"),
     ([1, 2], "body"),
+    ({"prompts": "a", "use_early_exit": True, "confidence": "max"}, "confidence"),
+    ({"prompts": "a", "use_early_exit": True, "confidence": 1}, "confidence"),
+    ({"prompts": "a", "use_early_exit": True, "threshold_decay": -1}, "threshold_decay"),
+    ({"prompts": "a", "use_early_exit": True, "threshold_decay": "fast"}, "threshold_decay"),
+    ({"prompts": "a", "confidence": "margin"}, "confidence"),  # full depth: nothing would use it
+    ({"prompts": "a", "decoding": "speculative", "threshold_decay": 2}, "threshold_decay"),
 ])
 def test_api_invalid_field_names_the_field(body, field):
     with pytest.raises(RequestError) as err:
@@ -116,11 +122,29 @@ def test_completions_request():
     ({"prompt": "a", "model": 5}, "model"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "a", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "a", "decoding": "early_exit", "confidence": "cos"}, "confidence"),
+    ({"prompt": "a", "decoding": "early_exit", "threshold_decay": float("inf")}, "threshold_decay"),
+    ({"prompt": "a", "threshold_decay": 1.0}, "threshold_decay"),
 ])
 def test_completions_invalid(body, field):
     with pytest.raises(RequestError) as err:
         parse_completions_request(body)
     assert err.value.field == field
+
+
+def test_confidence_measure_and_threshold_decay():
+    ee = parse_api_request({"prompts": "a", "use_early_exit": True}).early_exit
+    assert (ee.confidence, ee.threshold_decay) == ("top1", None)
+    for measure in ("top1", "margin", "entropy", "cosine"):
+        body = {"prompts": "a", "decoding": "early_exit", "confidence": measure, "threshold_decay": 4}
+        ee = parse_api_request(body).early_exit
+        assert (ee.confidence, ee.threshold_decay, ee.use_early_exit) == (measure, 4.0, True)
+    ee = parse_api_request({"prompts": "a", "use_early_exit": True, "threshold_decay": None}).early_exit
+    assert ee.threshold_decay is None
+    req, _ = parse_completions_request({"prompt": "a", "use_early_exit": True, "early_exit_thres": 0.4,
+                                        "confidence": "entropy", "threshold_decay": 0.5})
+    assert (req.early_exit.confidence, req.early_exit.threshold_decay, req.early_exit.early_exit_thres) == \
+        ("entropy", 0.5, 0.4)
 
 
 def test_broadcast_is_identity_in_one_process():
