@@ -13,7 +13,6 @@ bench/results/inference.json and prints the markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import fmt, machine_info, render_markdown, table  # noqa: E402
+from bench.common import fmt, machine_info, save_and_print, table  # noqa: E402
 from megatron.config import EarlyExitConfig, ModelConfig  # noqa: E402
 from megatron.core.parallel_state import ParallelDims, ParallelState  # noqa: E402
 from megatron.model import EarlyExitGPTModel  # noqa: E402
@@ -131,7 +130,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    result = main(sys.argv[1:])
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2))
-    print(render_markdown(result))
+    save_and_print(main(sys.argv[1:]), RESULT)

@@ -17,7 +17,6 @@ it writes bench/results/speculative.json and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import fmt, machine_info, render_markdown, table  # noqa: E402
+from bench.common import fmt, machine_info, save_and_print, table  # noqa: E402
 from megatron.testing.distributed import run_distributed  # noqa: E402
 from megatron.text_generation.engine import InferenceEngine  # noqa: E402
 from megatron.text_generation.generation import generate_tokens  # noqa: E402
@@ -173,7 +172,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    result = main(sys.argv[1:])
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2))
-    print(render_markdown(result))
+    save_and_print(main(sys.argv[1:]), RESULT)

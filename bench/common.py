@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -188,6 +190,14 @@ def render_markdown(result: dict) -> str:
     if result.get("notes"):
         out += ["Method:", ""] + [f"- {n}" for n in result["notes"]] + [""]
     return "\n".join(out)
+
+
+def save_and_print(result: dict, path) -> None:
+    """A benchmark run as a script: write its JSON result to ``path`` and print its tables."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(render_markdown(result))
 
 
 def command_line() -> str:

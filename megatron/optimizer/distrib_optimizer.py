@@ -18,7 +18,6 @@ same data-parallel size and model.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megatron.core.collectives import all_gather_single
 from megatron.core.distributed.grad_buffer import Bucket, GradBuffers
