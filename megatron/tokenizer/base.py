@@ -9,6 +9,7 @@ decompressed on read, and a missing `X` is read from `X.gz` when that exists, so
 Megatron's plain file names.
 """
 
+import abc
 import gzip
 from pathlib import Path
 
@@ -19,7 +20,7 @@ class TokenizerArgumentError(ValueError):
     """A tokenizer flag is missing, names a missing file, or names a file that cannot be parsed."""
 
 
-class AbstractTokenizer:
+class AbstractTokenizer(abc.ABC):
     """Base of all tokenizers; subclasses set `name` and implement the abstract members."""
 
     name = "abstract"
@@ -30,15 +31,18 @@ class AbstractTokenizer:
     def __init__(self) -> None:
         self._padded_vocab_size: int | None = None
 
+    @abc.abstractmethod
     def tokenize(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Ids of ``text``."""
 
+    @abc.abstractmethod
     def detokenize(self, ids) -> str:
-        raise NotImplementedError
+        """Text of ``ids``."""
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Number of ids the tokenizer can emit."""
 
     @property
     def padded_vocab_size(self) -> int:
@@ -51,13 +55,13 @@ class AbstractTokenizer:
     @property
     def vocab(self) -> dict[str, int]:
         if self._vocab is None:
-            raise NotImplementedError(f"{self.name} has no string vocabulary")
+            raise AttributeError(f"{self.name} has no string vocabulary")
         return self._vocab
 
     @property
     def inv_vocab(self) -> dict[int, str]:
         if self._inv_vocab is None:
-            raise NotImplementedError(f"{self.name} has no string vocabulary")
+            raise AttributeError(f"{self.name} has no string vocabulary")
         return self._inv_vocab
 
     # Special ids: subclasses assign the underscored attributes; -1 means the tokenizer has no such token.
