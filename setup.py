@@ -47,7 +47,10 @@ setup(
     package_data={"megatron": ["**/*.html", "**/*.js", "**/*.css", "data/*.cpp"]},
     install_requires=["torch>=2.3", "numpy", "sentencepiece", "regex", "pybind11"],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers", "safetensors", "tokenizers", "matplotlib", "gguf", "selenium", "accelerate"],
+        "test": [
+            "pytest", "pytest-timeout", "transformers", "safetensors", "tokenizers", "matplotlib", "gguf",
+            "selenium", "accelerate", "tensorboard",
+        ],
         "gguf": ["gguf"],
         "viz": ["matplotlib"],
         "gpu": ["flash-attn", "transformer-engine"],
