@@ -124,7 +124,11 @@ class TransformerEncoder(nn.Module):
         exits: dict[int, torch.Tensor] = {}
         for idxs, recompute in self.layer_groups():
             run = partial(self._run, idxs, attention_mask, rope)
-            outs = checkpoint(run, h, tracker=self.rng_tracker) if recompute else run(h)
+            if recompute:
+                params = [p for i in idxs for p in self.layers[i].parameters()]
+                outs = checkpoint(run, h, tracker=self.rng_tracker, params=params)
+            else:
+                outs = run(h)
             outs = (outs,) if torch.is_tensor(outs) else outs
             h = outs[0]
             numbers = [self.layers[i].layer_number for i in idxs

@@ -190,3 +190,21 @@ def test_checkpoint_recompute_is_bitwise_equal_with_dropout():
         assert torch.equal(a, b)
     assert torch.equal(plain[4][0], ckpt[4][0]), "backward recompute must not disturb the default stream"
     assert torch.equal(plain[4][1][tpl.MODEL_PARALLEL_RNG]["cpu"], ckpt[4][1][tpl.MODEL_PARALLEL_RNG]["cpu"])
+
+
+def test_checkpoint_trains_parameters_of_an_input_without_grad():
+    """An input without autograd history (a received activation, a frozen embedding's output) must not
+    cut the recompute off: the parameters the function uses still get their gradients."""
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(5))
+    layer(x).square().sum().backward()
+    want = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    out = tpl.checkpoint(layer, x, params=list(layer.parameters()))
+    assert out.requires_grad
+    out.square().sum().backward()
+    for p, g in zip(layer.parameters(), want):
+        assert torch.equal(p.grad, g)
+    frozen = torch.nn.Linear(8, 8).requires_grad_(False)
+    assert not tpl.checkpoint(frozen, x, params=list(frozen.parameters())).requires_grad, \
+        "nothing to train: no recompute in backward"

@@ -7,13 +7,14 @@
   replicated activations must agree across tp) and registers the ``"model-parallel-rng"`` stream seeded
   per tp rank (dropout inside tp-partitioned activations must differ between shards).
 * :func:`checkpoint` recomputes a function in backward after restoring the default CPU/CUDA states AND
-  the tracker's states, so every dropout mask of the recompute equals the first forward's.
+  the tracker's states, so every dropout mask of the recompute equals the first forward's. Its
+  parameters get their gradients whether or not an input needs one (see :func:`checkpoint`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -106,7 +107,7 @@ def model_parallel_seed(seed: int, state: ParallelState) -> RNGStatesTracker:
 
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, function, tracker, *args):
+    def forward(ctx, function, tracker, anchor, *args):
         ctx.function, ctx.tracker = function, tracker
         ctx.rng = _get_default_states()
         ctx.tracker_states = tracker.get_states() if tracker is not None else None
@@ -141,11 +142,21 @@ class _Checkpoint(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         input_grads = [args[i].grad if i in ctx.tensor_idx else None for i in range(len(args))]
-        return (None, None, *input_grads)
+        return (None, None, None, *input_grads)
 
 
-def checkpoint(function: Callable[..., Any], *args: Any, tracker: RNGStatesTracker | None = None):
+def checkpoint(function: Callable[..., Any], *args: Any, tracker: RNGStatesTracker | None = None,
+               params: Iterable[torch.Tensor] = ()):
     """``function(*args)`` without keeping its activations; backward recomputes it under the same RNG
     states (default generators and, when given, ``tracker``'s streams). ``function`` must return a tensor
-    or a tuple of tensors."""
-    return _Checkpoint.apply(function, tracker, *args)
+    or a tuple of tensors.
+
+    ``params``: the parameters ``function`` uses. Autograd reaches the recompute only through an input
+    that requires grad; when none does (a pipeline stage's received activation that sends no gradient
+    back, the output of a frozen embedding under EE-Tuning) but a parameter does, a zero-size anchor
+    input that requires grad is added, or those parameters would silently get no gradient."""
+    anchor = None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params) and not any(
+            torch.is_tensor(a) and a.requires_grad for a in args):
+        anchor = torch.empty(0, requires_grad=True)
+    return _Checkpoint.apply(function, tracker, anchor, *args)
