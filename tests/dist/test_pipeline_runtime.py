@@ -153,3 +153,48 @@ def test_tuning_stream_over_the_first_stages_of_a_deeper_model():
         assert "lm loss" not in losses
     for name, g in got.items():
         torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _fill_grads(schedule, exit_positions):
+    """One process, written from the documented objective rather than from the routes' generic walk:
+    each warm-up fill back-propagates its exit losses through the stages it reached, each cool-down fill
+    its final and exit losses through its backward stages only; every fill is divided by m."""
+    header = schedule.header
+    model = Chain(header.num_positions, exit_positions)
+    m, last = header.num_microbatches, header.num_positions - 1
+    for mb, deepest in header.fill_warmup:
+        x, loss = data(0, mb), 0.0
+        for p in range(deepest + 1):
+            x, exits = model.block(p, x)
+            loss = loss + sum(EXIT_WEIGHT[k] * v for k, v in exits.items())
+        (loss / m).backward()
+    for mb, first in header.fill_cooldown:
+        x, loss = data(0, mb), 0.0
+        for p in range(last + 1):
+            x, exits = model.block(p, x if p != first else x.detach())
+            if p >= first:
+                loss = loss + sum(EXIT_WEIGHT[k] * v for k, v in exits.items())
+        ((loss + (x @ model.final.T).square().mean()) / m).backward()
+    return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def test_filling_adds_fill_microbatches_to_the_plain_1f1b_objective():
+    """Bubble filling's objective (issue 14, item 7): the m ordinary microbatches train exactly as in plain
+    1F1B on every stage, and the fill microbatches -- read in addition to them, ids m.. -- add their
+    gradients with the same 1/m weight as an ordinary microbatch, on the stages their backward reaches."""
+    m, exits = 8, [0, 1]
+    fill = lambda: early_exit_bubble_filling(4, m, exits, 2, 2, 2.0)  # noqa: E731
+    plain = lambda: one_f_one_b(4, m)  # noqa: E731
+    header = fill().header
+    assert header.num_microbatches == m
+    assert header.num_microbatches_total == m + len(header.fill_warmup) + len(header.fill_cooldown) > m
+    assert [r.role for r in header.routes[:m]] == ["full"] * m
+    got = {}
+    for schedule in (fill, plain):
+        got[schedule] = {}
+        for grads, _ in run_distributed(_run, 4, schedule, 4, exits):
+            got[schedule].update(grads)
+    extra = _fill_grads(fill(), exits)
+    assert any(g.abs().sum() > 0 for g in extra.values())
+    for name, g in got[fill].items():
+        torch.testing.assert_close(g - got[plain][name], extra[name], rtol=1e-5, atol=1e-7, msg=name)

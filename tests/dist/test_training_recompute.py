@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from megatron.core.pipeline_parallel.schedules import early_exit_bubble_filling
 from test_training_parity import logged_losses, run_main, tiny_argv
 
 RECOMPUTE = {
@@ -19,6 +20,7 @@ SCHEDULES = {
     "filling": ["--fill-explicit-bubbles", "--global-batch-size", "16"],
 }
 _GRAD_NORM = re.compile(r"\| grad norm: ([-+.\dE]+) \|")
+_CONSUMED = re.compile(r"\| consumed samples: +(\d+) \|")
 
 
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
@@ -33,3 +35,13 @@ def test_recompute_logs_the_same_losses_and_grad_norm(schedule):
         assert [_GRAD_NORM.search(line).group(1) for line in got.lines if line.startswith(" iteration")] == \
             [_GRAD_NORM.search(line).group(1) for line in want.lines if line.startswith(" iteration")], mode
         assert [h["grad_norm"] for h in got.history] == [h["grad_norm"] for h in want.history], mode
+
+
+def test_filling_reads_its_fill_microbatches_in_addition_to_the_global_batch():
+    """Issue 14, item 7: the consumed-samples counter counts the fills, read beyond --global-batch-size
+    (EE-LLM took them out of the batch; see schedules/filling.py)."""
+    got = run_main(4, tiny_argv("--pipeline-model-parallel-size", "4", train_iters=2, *SCHEDULES["filling"]))[0]
+    per_step = early_exit_bubble_filling(4, 8, [0, 2]).header.num_microbatches_total * 2  # exits 1, 3: stages 0, 2
+    assert per_step > 16
+    assert [int(_CONSUMED.search(line).group(1)) for line in got.lines if line.startswith(" iteration")] == \
+        [per_step, 2 * per_step]

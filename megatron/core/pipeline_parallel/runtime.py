@@ -10,9 +10,10 @@ The runtime knows nothing about models or data. The caller passes ``forward_step
 returning an object with ``output`` (the hidden state for the next position, or on the model's last
 position the microbatch's scalar final loss, already a masked token mean) and ``exit_losses``
 (``{layer: scalar masked-mean exit loss}``). The runtime weights and normalises: every loss is divided
-by the number of ordinary microbatches ``m`` (Megatron's convention; fill microbatches of bubble
-filling are normalised by ``m`` too), exit losses are multiplied by their weight, and the loss scale
-is applied in ``backward_step``.
+by the number of ordinary microbatches ``m`` (Megatron's convention; bubble filling's fill microbatches
+are read in addition to the ``m`` and divided by ``m`` too, see ``schedules/filling.py`` for the
+resulting objective and how it differs from EE-LLM's), exit losses are multiplied by their weight, and
+the loss scale is applied in ``backward_step``.
 """
 
 from __future__ import annotations

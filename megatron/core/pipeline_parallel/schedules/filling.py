@@ -16,6 +16,32 @@ fills as deep as possible, cool-down fills truncated as shallow as possible) and
 simulated makespan under ``costs`` (default: forward 1, backward ``R``) does not exceed plain 1F1B's.
 So filling never lengthens the step under the cost model it was planned for, and ``R`` is really
 used (EE-LLM hard-codes 2.0).
+
+Objective and data read per step (and how they differ from EE-LLM's)
+-------------------------------------------------------------------
+A step reads ``m + nw + nc`` microbatches (``header.num_microbatches_total``): the ``m`` ordinary ones of
+the global batch (``m = global batch / (micro batch * dp)``) plus the ``nw`` warm-up and ``nc`` cool-down
+fills placed, in addition. Every loss is divided by ``m``. So with ``E_i`` microbatch ``i``'s weighted
+exit losses and ``L_i`` its final loss, stage ``s`` accumulates the gradient of
+
+    (1/m) * [ sum_{i < m} (L_i + E_i)                                  -- plain 1F1B, unchanged
+              + sum_{warm-up fills reaching s} E_i(exits at or below their deepest stage)
+              + sum_{cool-down fills whose backward covers s} (L_i + E_i)(their backward stages) ]
+
+i.e. the ordinary batch trains exactly as without filling on every stage, and each fill adds its
+gradient with the weight of one ordinary microbatch where its backward runs. The late stages (those a
+cool-down fill's truncated backward covers) thus get ``(m + fills covering them) / m`` times the
+lm-loss gradient mass of the early ones; the logged ``lm loss`` is the mean over every microbatch whose
+forward reached the head (``m + nc``).
+
+EE-LLM instead takes its fills out of the global batch: of the ``M`` microbatches it reads, ``Fw`` are
+warm-up fills, the last ``Fc`` full ones get the truncated backward, and every loss is divided by
+``M - Fw``. Turning filling on there trains the early stages on ``M - Fw - Fc`` of the ``M`` samples
+and scales their lm-loss gradient by ``(M - Fw - Fc) / (M - Fw)`` (at pp = 4, M = 8, Fw = Fc = 2:
+4/6), while the samples read per step stay the global batch. We keep the paper's intent -- the
+bubbles get *extra* work at no extra time -- so enabling filling never takes training signal from the
+backbone; the price is that a step consumes more samples than ``--global-batch-size``: the
+consumed-samples counter (and the data built for ``--train-iters`` / ``--train-samples``) counts them.
 """
 
 from __future__ import annotations
