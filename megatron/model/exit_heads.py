@@ -57,7 +57,9 @@ class EarlyExitTransformerLayer(TransformerLayer):
         n = self.post_attention_norm(a)
         if isinstance(self.mlp, ExitMLP):
             trunk, branch = self.mlp(n)
-            y, y_exit = self.dropout_add(trunk, a), self.dropout_add(branch, a)
+            # The branch's residual dropout belongs to the exit: under EE-Tuning it stays on while the
+            # frozen layer's own dropout is off (see set_train_mode).
+            y, y_exit = self.dropout_add(trunk, a), self.dropout_add(branch, a, self.mlp.branch.training)
         else:
             y = y_exit = self.dropout_add(self.mlp(n), a)
         if not self.pre_exit:

@@ -136,13 +136,21 @@ def _freeze_backbone(chunks: list[EarlyExitGPTModel]) -> None:
 
 
 def set_train_mode(chunks: list[EarlyExitGPTModel], tune_exit: bool) -> None:
-    """Training mode; under EE-Tuning only the exit modules (dropout off in the frozen backbone, which
-    EE-LLM left on)."""
+    """Training mode. Under EE-Tuning a module is in training mode (its dropout on) iff every parameter it
+    holds trains; a module holding none follows its parent. So the exits (blocks, branch MLPs with their
+    residual dropout, norms, heads) drop out as in full training and the frozen backbone does not (EE-LLM
+    left it on). The rule reads the parameters ``_freeze_backbone`` froze, not module names."""
     for chunk in chunks:
         chunk.train()
         if tune_exit:
-            for name, module in chunk.named_modules():
-                module.training = is_exit_param(name)
+            _train_if_all_params_train(chunk, False)
+
+
+def _train_if_all_params_train(module: torch.nn.Module, parent: bool) -> None:
+    params = list(module.parameters())
+    module.training = all(p.requires_grad for p in params) if params else parent
+    for child in module.children():
+        _train_if_all_params_train(child, module.training)
 
 
 def _build_model(cfg: RunConfig, state: ParallelState, part: Partition, tracker) -> list[EarlyExitGPTModel]:

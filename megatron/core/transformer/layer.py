@@ -34,8 +34,10 @@ class TransformerLayer(nn.Module):
         self.post_attention_norm = build_norm(config, state.device)
         self.mlp = mlp if mlp is not None else MLP(config, state=state, init=init.child("mlp"))
 
-    def dropout_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.hidden_dropout == 0:
+    def dropout_add(self, x: torch.Tensor, residual: torch.Tensor, training: bool | None = None) -> torch.Tensor:
+        """``residual + dropout(x)``; ``training`` (default: this layer's mode) lets the owner of ``x``
+        decide, e.g. an exit branch computed inside a frozen layer under EE-Tuning."""
+        if not (self.training if training is None else training) or self.hidden_dropout == 0:
             return residual + x
         # Under sequence parallelism each tp rank holds a different slice: draw from the per-rank stream.
         ctx = self.rng_tracker.fork() if self.rng_tracker is not None else contextlib.nullcontext()
