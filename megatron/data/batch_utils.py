@@ -4,6 +4,8 @@ Only tensor-parallel rank 0 reads data; ``broadcast_data`` sends the batch (shap
 buffer) to the other ranks of the group. ``get_ltor_masks_and_position_ids`` follows Megatron's
 conventions: the attention mask is **boolean with True meaning "masked out"** (may not attend), shape
 ``[1 or b, 1, s, s]``; the loss mask is float (1 = counts toward the loss); position ids are int64 ``[b, s]``.
+``model_inputs`` makes one microbatch's inputs from its token ids; the training loop calls it per
+microbatch as the schedule consumes them (see ``training/loop.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["broadcast_data", "get_ltor_masks_and_position_ids"]
+__all__ = ["broadcast_data", "get_ltor_masks_and_position_ids", "model_inputs"]
 
 _MAX_DIMS = 8
 
@@ -66,7 +68,7 @@ def get_ltor_masks_and_position_ids(tokens: torch.Tensor, eod: int, reset_positi
     the input token is ``eod``."""
     b, s = tokens.shape
     mask_batch = b if reset_attention_mask else 1
-    allowed = torch.tril(torch.ones(mask_batch, s, s, device=tokens.device)).view(mask_batch, 1, s, s)
+    allowed = torch.ones(mask_batch, 1, s, s, dtype=torch.bool, device=tokens.device).tril()
     loss_mask = torch.ones(b, s, dtype=torch.float, device=tokens.device)
     if eod_mask_loss:
         loss_mask[tokens == eod] = 0.0
@@ -76,8 +78,25 @@ def get_ltor_masks_and_position_ids(tokens: torch.Tensor, eod: int, reset_positi
             prev = 0
             for i in torch.nonzero(tokens[row] == eod).flatten().tolist():
                 if reset_attention_mask:
-                    allowed[row, 0, i + 1:, :i + 1] = 0
+                    allowed[row, 0, i + 1:, :i + 1] = False
                 if reset_position_ids:
                     position_ids[row, i + 1:] -= i + 1 - prev
                     prev = i + 1
-    return allowed < 0.5, loss_mask, position_ids
+    return ~allowed, loss_mask, position_ids
+
+
+def model_inputs(text: torch.Tensor, eod: int | None, reset_position_ids: bool = False,
+                 reset_attention_mask: bool = False, eod_mask_loss: bool = False) -> dict[str, torch.Tensor]:
+    """One microbatch's model inputs from its token ids ``text`` ``[b, s + 1]``: ``tokens``, ``labels``,
+    ``loss_mask`` and, when documents are separated (the reset flags), ``attention_mask`` /
+    ``position_ids``. ``eod`` None: the tokenizer has none (nothing is reset or masked)."""
+    tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
+    mask, loss_mask, positions = get_ltor_masks_and_position_ids(
+        tokens, -1 if eod is None else eod, reset_position_ids, reset_attention_mask, eod_mask_loss)
+    batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+    if reset_attention_mask:
+        batch["attention_mask"] = mask
+    if reset_position_ids:
+        batch["position_ids"] = positions
+    return batch
+

@@ -27,7 +27,7 @@ from megatron.core.distributed.grad_buffer import GradBuffers
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.schedules import BACKWARD_KINDS, ActionKind, Schedule
 from megatron.core.tensor_parallel.random import RNGStatesTracker, model_parallel_seed
-from megatron.data.batch_utils import broadcast_data, get_ltor_masks_and_position_ids
+from megatron.data.batch_utils import broadcast_data
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.mock_dataset import build_mock_train_valid_test_datasets
 from megatron.data.samplers import build_data_iterator, build_pretraining_data_loader
@@ -39,7 +39,7 @@ from megatron.tokenizer import build_tokenizer_from_args
 from megatron.training.config import RunConfig, configs_from_args
 from megatron.training.forward_backward import ScheduleOptions, activation_shape, build_schedule
 
-__all__ = ["TrainingRun", "initialize", "build_run", "attach_data", "get_batch", "is_exit_param",
+__all__ = ["TrainingRun", "initialize", "build_run", "attach_data", "read_text", "is_exit_param",
            "set_train_mode", "world_from_env"]
 
 log = logging.getLogger(__name__)
@@ -261,20 +261,9 @@ def attach_data(run: TrainingRun, tokenizer) -> None:
         log.warning("no validation data (check --split / --valid-data-path): evaluation is skipped")
 
 
-def get_batch(run: TrainingRun, iterator) -> dict[str, torch.Tensor]:
-    """One microbatch for the model: ``tokens``, ``labels``, ``loss_mask`` and, when documents are
-    separated (--reset-attention-mask / --reset-position-ids), ``attention_mask`` / ``position_ids``.
-    Every stage reads it (exit stages need the labels); tp rank 0 reads and broadcasts."""
-    state, d = run.state, run.cfg.data
+def read_text(run: TrainingRun, iterator) -> torch.Tensor:
+    """One microbatch's token ids ``[b, s + 1]`` on this rank's device. Every stage reads every microbatch
+    (exit stages need the labels); tp rank 0 reads and broadcasts to its tp group."""
+    state = run.state
     data = next(iterator) if state.tp_rank == 0 else None
-    text = broadcast_data(["text"], data, state.tp_group, state.tp_ranks[0])["text"].to(state.device)
-    tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
-    eod = run.eod if run.eod is not None else -1
-    mask, loss_mask, positions = get_ltor_masks_and_position_ids(
-        tokens, eod, d.reset_position_ids, d.reset_attention_mask, d.eod_mask_loss)
-    batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
-    if d.reset_attention_mask:
-        batch["attention_mask"] = mask
-    if d.reset_position_ids:
-        batch["position_ids"] = positions
-    return batch
+    return broadcast_data(["text"], data, state.tp_group, state.tp_ranks[0])["text"].to(state.device)
