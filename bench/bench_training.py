@@ -13,6 +13,8 @@ fresh fork (the meter changes the allocator, see ``bench/common.py``).
 1. pp = 1, no exits: ours against ``PlainGPT`` (bench/plain_gpt.py) trained by a plain loop.
 2. 2 exits against none at pp = 1 and pp = 2.
 3. pp = 2: our 1F1B runtime against ``Schedule1F1B`` over ``PlainGPT`` stages of the same sizes.
+4. Activation memory per stage at pp = 2 and 4, with and without exits: sent outputs kept until their
+   backward (as before issue 14, item 11, and as EE-LLM does on exit stages) against freed once sent.
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ LR, CLIP, WD = 1e-4, 1.0, 0.01
 MIB = 1024 * 1024
 
 
-def configs(shape: GPTShape, exits: dict[int, float]) -> tuple[ModelConfig, EarlyExitConfig]:
+def configs(shape: GPTShape, exits: dict[int, float], recompute: bool = False) -> tuple[ModelConfig, EarlyExitConfig]:
+    """The benchmark model; ``recompute``: full activation recompute, one layer per checkpoint."""
+    full = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
     model = ModelConfig(num_layers=shape.layers, hidden_size=shape.hidden, num_attention_heads=shape.heads,
                         vocab_size=shape.vocab, make_vocab_size_divisible_by=128, seq_length=shape.seq,
-                        hidden_dropout=0.0, attention_dropout=0.0, untie_embeddings_and_output_weights=True)
+                        hidden_dropout=0.0, attention_dropout=0.0, untie_embeddings_and_output_weights=True, **full)
     return model, EarlyExitConfig(exit_layer_nums=sorted(exits), exit_layer_weight=[exits[k] for k in sorted(exits)])
 
 
@@ -58,9 +62,11 @@ def batches(shape: GPTShape, device: torch.device) -> list[dict[str, torch.Tenso
     return [{k: v.to(device) for k, v in token_batch(shape, mb).items()} for mb in range(shape.m)]
 
 
-def our_step(shape: GPTShape, exits: dict[int, float], state: ParallelState):
-    """One training step of our stack on this rank (tp = dp = 1, pp = ``state.pp``)."""
-    model_cfg, ee = configs(shape, exits)
+def our_step(shape: GPTShape, exits: dict[int, float], state: ParallelState, deallocate: bool = True,
+             recompute: bool = False):
+    """One training step of our stack on this rank (tp = dp = 1, pp = ``state.pp``); ``deallocate``: free
+    sent outputs (the runtime's default); ``recompute``: see :func:`configs`."""
+    model_cfg, ee = configs(shape, exits, recompute)
     part = make_partition(shape.layers, state.pp, 1, ee.exit_layer_nums)
     chunk = EarlyExitGPTModel(model_cfg, ee, state=state, partition=part).to(state.device)
     buffers = [GradBuffers(chunk.parameters(), state.dp_group, state.dp, late_params=late_params(chunk))]
@@ -75,7 +81,8 @@ def our_step(shape: GPTShape, exits: dict[int, float], state: ParallelState):
         for b in buffers:
             b.zero_grad()
         forward_backward(schedule, [chunk], data.__getitem__, state, tensor_shape=tensor_shape,
-                         exit_weights=dict(exits), grad_buffers=buffers, tied_groups=tied)
+                         exit_weights=dict(exits), grad_buffers=buffers, tied_groups=tied,
+                         deallocate_outputs=deallocate)
         opt.step()
 
     return step
@@ -186,6 +193,39 @@ def _memory_worker(rank: int, world: int, shape: GPTShape, runner: str) -> int:
     return meter.peak_bytes()
 
 
+def _step_memory_worker(rank: int, world: int, shape: GPTShape, exits: dict[int, float], recompute: bool,
+                        deallocate: bool) -> int:
+    """Peak bytes above the memory held between steps (weights, gradients, optimizer state) during one
+    training step, in a fresh forked process: the step's activations and temporaries."""
+    PeakMemory.prepare_cpu_process()
+    state = _state(world)
+    step = our_step(shape, exits, state, deallocate, recompute)
+    step()  # the optimizer state now exists and library code is paged in
+    gc.collect()
+    PeakMemory.release_free_memory()
+    meter = PeakMemory(state.device)
+    meter.start()
+    step()
+    return meter.peak_bytes()
+
+
+# (pp, exits, full recompute): with recompute a stage keeps little but its inputs and outputs per microbatch.
+MEMORY_CASES = [(2, {}, False), (2, EXITS, False), (4, {}, False), (4, EXITS, False), (4, {}, True)]
+
+
+def measure_freed_outputs(shape: GPTShape, cases=MEMORY_CASES) -> list[dict]:
+    """Per-stage activation memory with sent outputs kept against freed, for each ``(pp, exits,
+    recompute)``; each configuration's two variants measured back to back."""
+    out = []
+    for pp, exits, recompute in cases:
+        peaks = {dealloc: [p / MIB for p in run_distributed(_step_memory_worker, pp, shape, exits, recompute,
+                                                             dealloc, timeout=900)]
+                 for dealloc in (False, True)}
+        out.append({"pp": pp, "exits": sorted(exits), "recompute": recompute, "kept_mib": peaks[False],
+                    "freed_mib": peaks[True], "output_mib": shape.seq * shape.mbs * shape.hidden * 4 / MIB})
+    return out
+
+
 def measure(shape: GPTShape, pp: int, iters: int) -> list[dict]:
     """Every runner of ``pp``: step times (slowest rank per step) and per-rank peak memory."""
     timed = run_distributed(_timing_worker, pp, shape, PP_RUNNERS[pp], iters, timeout=900)
@@ -225,6 +265,22 @@ def _tables(runs: list[dict]) -> list[dict]:
     return [t1, t2, t3]
 
 
+def _memory_table(shape: GPTShape, runs: list[dict]) -> dict:
+    rows = [[r["pp"], ", ".join(map(str, r["exits"])) or "none", "full" if r["recompute"] else "none", stage,
+             fmt(kept), fmt(freed), fmt(kept - freed), f"{freed / kept:.2f}x" if kept else "-"]
+            for r in runs for stage, (kept, freed) in enumerate(zip(r["kept_mib"], r["freed_mib"]))]
+    return table("Activation memory per stage: sent outputs kept until backward against freed once sent",
+                 ["pp", "exit layers", "recompute", "stage", "kept (MiB)", "freed (MiB)", "saved (MiB)",
+                  "freed vs kept"], rows,
+                 [f"peak memory of one 1F1B step above the memory held between steps (weights, gradients, optimizer "
+                  f"state), per stage, {shape.m} microbatches; one sent output is {fmt(runs[0]['output_mib'])} MiB "
+                  "([seq, micro batch, hidden] fp32) and 1F1B keeps up to pp - stage of them in flight; the last "
+                  "stage sends nothing",
+                  "kept: what the runtime did before (and EE-LLM does on stages with exits); freed: the data of an "
+                  "output is dropped once sent, its autograd graph kept (Megatron's pseudo-deallocation); the "
+                  "gradients of both are bit for bit equal (tests/dist/test_pipeline_runtime.py)"])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = bench_parser(__doc__, "tiny model, few steps (a smoke run)")
     p.add_argument("--iters", type=int, default=None, help="timed steps per measurement")
@@ -236,13 +292,15 @@ def main(argv: list[str] | None = None) -> dict:
     shape = QUICK if args.quick else FULL
     iters = args.iters or (2 if args.quick else 8)
     runs = measure(shape, 1, iters) + measure(shape, 2, iters)
+    memory = measure_freed_outputs(shape, MEMORY_CASES[1:2] if args.quick else MEMORY_CASES)
     return {
         "name": "training",
         "title": "Training: throughput, exits, pipeline runtime",
         "quick": args.quick,
         "model": dict(vars(shape), tokens_per_step=shape.tokens_per_step),
         "runs": runs,
-        "tables": _tables(runs),
+        "freed_outputs": memory,
+        "tables": _tables(runs) + [_memory_table(shape, memory)],
         "notes": [
             f"model: {shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads, seq {shape.seq}, vocab "
             f"{shape.vocab}, LayerNorm + learned positions + GELU, untied output layer, no dropout, fp32; "

@@ -109,9 +109,11 @@ def forward_backward(
     tied_groups: TiedGroups | None = None,
     loss_scale: float | torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    deallocate_outputs: bool = True,
 ) -> StepLosses:
     """Run this rank's part of ``schedule``; with ``grad_buffers``, finish with every gradient final
-    in ``main_grad`` (tp / tied / dp reductions). Returns this rank's unweighted losses."""
+    in ``main_grad`` (tp / tied / dp reductions). Returns this rank's unweighted losses.
+    ``deallocate_outputs``: see :func:`~megatron.core.pipeline_parallel.runtime.run_schedule`."""
     losses = run_schedule(
         schedule,
         state.pp_rank,
@@ -122,6 +124,7 @@ def forward_backward(
         exit_weights=exit_weights,
         loss_scale=loss_scale,
         grad_buffers=grad_buffers,
+        deallocate_outputs=deallocate_outputs,
     )
     if grad_buffers is not None:
         finalize_model_grads(chunks, grad_buffers, state, tied_groups)

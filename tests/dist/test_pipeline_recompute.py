@@ -1,10 +1,13 @@
-"""Activation recompute changes memory, never gradients: at pp = 4 with exits, full recompute (uniform and
-block) and selective recompute give every gradient and loss of the run without recompute, bit for bit,
-under every schedule (1F1B, interleaved 1F1B, bubble filling, the EE-Tuning stream), dropout on.
+"""Memory savings change memory, never gradients: at pp = 4 with exits, full recompute (uniform and block)
+and selective recompute, and keeping the sent outputs instead of freeing them, give every gradient and
+loss of the default run (no recompute, sent outputs freed), bit for bit, under every schedule (1F1B,
+interleaved 1F1B, bubble filling, the EE-Tuning stream), dropout on.
 
-These are the cases where a checkpointed layer group's input does not require grad: a cool-down fill's
-truncated backward receives an activation it sends no gradient back for, and EE-Tuning's frozen backbone
-hands the exit layers activations without autograd history (issue 14, item 1: their gradients were lost).
+Recompute: these are the cases where a checkpointed layer group's input does not require grad: a cool-down
+fill's truncated backward receives an activation it sends no gradient back for, and EE-Tuning's frozen
+backbone hands the exit layers activations without autograd history (issue 14, item 1: their gradients
+were lost). Freed outputs (item 11): the exit norms of the tied and untied variants save the very hidden
+state a stage sends.
 """
 
 from dataclasses import replace
@@ -23,11 +26,12 @@ from megatron.training.forward_backward import ScheduleOptions, activation_shape
 from megatron.training.setup import is_exit_param
 from test_pipeline_gpt import LAYERS, MBS, SEQ, configs, microbatch
 
-RECOMPUTE = {
-    "none": {},
-    "full-uniform": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-    "full-block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
-    "selective": dict(recompute_granularity="selective"),
+MODES = {  # name: (model flags, free sent outputs)
+    "none": ({}, True),
+    "outputs kept": ({}, False),
+    "full-uniform": (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1), True),
+    "full-block": (dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1), True),
+    "selective": (dict(recompute_granularity="selective"), True),
 }
 FILL = ScheduleOptions(fill_explicit_bubbles=True, num_fill_warmup_microbatches=2, num_fill_cooldown_microbatches=2)
 SCHEDULES = {  # name: (vpp, arch, exits, options, microbatches)
@@ -46,7 +50,7 @@ def _worker(rank, world, vpp, arch, exits, opts, m):
     part = make_partition(LAYERS, 4, vpp, ee.exit_layer_nums)
     schedule = build_schedule(4, vpp, m, part.exit_stages, opts)
     out = {}
-    for mode, flags in RECOMPUTE.items():
+    for mode, (flags, deallocate) in MODES.items():
         tracker = model_parallel_seed(1234 + 100 * state.pp_rank, state)  # same dropout masks in every mode
         chunks = [EarlyExitGPTModel(replace(base, **flags), ee, state=state, partition=part, chunk=c,
                                     rng_tracker=tracker) for c in range(vpp)]
@@ -58,7 +62,7 @@ def _worker(rank, world, vpp, arch, exits, opts, m):
             schedule, chunks, lambda mb: microbatch(0, mb), state,
             tensor_shape=activation_shape(SEQ, MBS, 32, 1, False),
             exit_weights=dict(zip(ee.exit_layer_nums, ee.weights)), grad_buffers=buffers,
-            tied_groups=None if opts.tune_exit else TiedGroups(chunks, state))
+            tied_groups=None if opts.tune_exit else TiedGroups(chunks, state), deallocate_outputs=deallocate)
         grads = {(state.pp_rank, c, n): p.main_grad.clone()
                  for c, chunk in enumerate(chunks) for n, p in chunk.named_parameters() if p.requires_grad}
         out[mode] = grads, losses.mean()
@@ -66,10 +70,10 @@ def _worker(rank, world, vpp, arch, exits, opts, m):
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
-def test_recompute_keeps_every_gradient(name):
+def test_memory_savings_keep_every_gradient(name):
     vpp, arch, exits, opts, m = SCHEDULES[name]
     results = run_distributed(_worker, 4, vpp, arch, exits, opts, m, timeout=240)
-    for mode in RECOMPUTE:
+    for mode in MODES:
         got = {k: g for r in results for k, g in r[mode][0].items()}
         want = {k: g for r in results for k, g in r["none"][0].items()}
         assert got.keys() == want.keys() and want

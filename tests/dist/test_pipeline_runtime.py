@@ -2,7 +2,7 @@
 same work (the global plan's routes), for pp in {2, 4}, vpp 2, dp 2, bubble filling and EE-Tuning.
 
 The toy model is a chain of positions (one per (stage, chunk)); position k computes tanh(W_k x); some
-positions carry an exit head (loss mean((E_k h)^2)); the last position carries the final head. It has
+positions carry an exit head (loss mean((E_k norm(h))^2)); the last position carries the final head. It has
 exactly the structure the runtime sees from a real model, with none of its cost.
 """
 
@@ -10,12 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatron.core.distributed.grad_buffer import GradBuffers
 from megatron.core.parallel_state import ParallelDims, ParallelState
 from megatron.core.pipeline_parallel.p2p import PipelineP2P
 from megatron.core.pipeline_parallel.runtime import run_schedule
 from megatron.core.pipeline_parallel.schedules import (
+    ActionKind,
     early_exit_bubble_filling,
     ee_tuning_stream,
     forward_only,
@@ -45,7 +48,10 @@ class Chain(torch.nn.Module):
 
     def block(self, p, x):
         h = torch.tanh(x @ self.w[p].T)
-        exits = {p + 1: (h @ self.e[str(p)].T).square().mean()} if p in self.exit_positions else {}
+        # The exit norm saves h itself, as a post-exit head on a stage's last layer does in the model.
+        exits = {}
+        if p in self.exit_positions:
+            exits[p + 1] = (F.layer_norm(h, (H,)) @ self.e[str(p)].T).square().mean()
         return h, exits
 
     def params_of(self, p):
@@ -83,7 +89,7 @@ def reference_grads(schedule, dp, exit_positions, model_positions=None):
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
 
 
-def _run(rank, world, make_schedule, pp, exit_positions, model_positions=None):
+def _run(rank, world, make_schedule, pp, exit_positions, model_positions=None, deallocate=True, outputs=None):
     state = ParallelState.build(ParallelDims.from_world(world, pp=pp))
     schedule = make_schedule()
     header = schedule.header
@@ -98,10 +104,13 @@ def _run(rank, world, make_schedule, pp, exit_positions, model_positions=None):
             x = data(state.dp_rank, mb)
         h, exits = model.block(p, x)
         out = (h @ model.final.T).square().mean() if p == model.positions - 1 else h
+        if outputs is not None:
+            outputs.append(out)
         return SimpleNamespace(output=out, exit_losses=exits)
 
     losses = run_schedule(schedule, stage, forward_step, comm=PipelineP2P(state), tensor_shape=(S, B, H),
-                          dtype=torch.float32, exit_weights=EXIT_WEIGHT, grad_buffers=buffers)
+                          dtype=torch.float32, exit_weights=EXIT_WEIGHT, grad_buffers=buffers,
+                          deallocate_outputs=deallocate)
     for b in buffers:
         b.finish_grad_sync()
     names = {id(p): n for n, p in model.named_parameters()}
@@ -198,3 +207,34 @@ def test_filling_adds_fill_microbatches_to_the_plain_1f1b_objective():
     assert any(g.abs().sum() > 0 for g in extra.values())
     for name, g in got[fill].items():
         torch.testing.assert_close(g - got[plain][name], extra[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _freed_outputs(rank, world, make_schedule, pp, exits, deallocate):
+    """Grads, and of the outputs sent with a graph: how many, how many freed; also whether every other
+    output kept its data."""
+    outputs = []
+    grads, _ = _run(rank, world, make_schedule, pp, exits, deallocate=deallocate, outputs=outputs)
+    actions = make_schedule()[dist.get_rank()]
+    sends = {(a.chunk, a.mb) for a in actions if a.kind is ActionKind.SEND_F}
+    forwards = [a for a in actions if a.kind in (ActionKind.F, ActionKind.F_NOGRAD)]
+    assert len(forwards) == len(outputs)
+    freed = [t.dim() > 0 and t.untyped_storage().nbytes() <= t.element_size() for t in outputs]
+    sent = [f for a, t, f in zip(forwards, outputs, freed) if (a.chunk, a.mb) in sends and t.requires_grad]
+    others = [f for a, t, f in zip(forwards, outputs, freed) if (a.chunk, a.mb) not in sends or not t.requires_grad]
+    return grads, len(sent), sum(sent), not any(others)
+
+
+@pytest.mark.parametrize("case", sorted(c for c in CASES if CASES[c][1] > 1))
+def test_sent_outputs_are_freed_without_changing_a_gradient(case):
+    """Issue 14, item 11: every sent output that carries a graph has its data freed after the send, and
+    the gradients equal, bit for bit, those of the run that keeps them. The toy's tanh and exit head save
+    the very tensor that is sent (what a post-exit head does in the real model): freeing it must not
+    change what they saved."""
+    make, pp, exits = CASES[case]
+    kept = run_distributed(_freed_outputs, pp, make, pp, exits, False)
+    freed = run_distributed(_freed_outputs, pp, make, pp, exits, True)
+    assert sum(r[1] for r in freed) > 0, "no output with a graph was sent"
+    for (g_kept, n, n_freed_kept, others_kept), (g_freed, n2, n_freed, others_intact) in zip(kept, freed):
+        assert n == n2 and n_freed_kept == 0 and n_freed == n and others_kept and others_intact
+        for name, g in g_kept.items():
+            assert torch.equal(g_freed[name], g), f"{case}: {name}"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron.core.pipeline_parallel.backward import backward_step
+from megatron.core.pipeline_parallel.backward import backward_step, free_output, saving_aliases
 
 
 def _stages():
@@ -56,3 +56,31 @@ def test_exit_only_backward_sends_zeros_upstream():
 def test_hidden_output_needs_a_gradient():
     with pytest.raises(ValueError, match="gradient received"):
         backward_step(torch.ones(2, 3, requires_grad=True), None, None)
+
+
+def _stage(x, w, exit_w):
+    """A stage whose exit norm saves the output itself (as a post-exit head on a stage's last layer)."""
+    y = torch.tanh(x @ w) + 1.0
+    exit_loss = (torch.nn.functional.layer_norm(y, (4,)) @ exit_w).square().mean()
+    return y, exit_loss
+
+
+def test_freed_output_backpropagates_like_the_kept_one():
+    """free_output keeps the shape and the graph and drops the storage; under saving_aliases the values
+    autograd saved (here the exit norm's input, the output itself) survive, so gradients are exact."""
+    g = torch.Generator().manual_seed(3)
+    x, w, exit_w, grad = (torch.randn(3, 4, generator=g), torch.randn(4, 4, generator=g, requires_grad=True),
+                          torch.randn(4, 2, generator=g, requires_grad=True), torch.randn(3, 4, generator=g))
+    y, e = _stage(x, w, exit_w)
+    backward_step(y, grad, e)
+    want = [w.grad.clone(), exit_w.grad.clone()]
+    w.grad = exit_w.grad = None
+    with saving_aliases():
+        y, e = _stage(x, w, exit_w)
+    free_output(y)
+    assert y.shape == (3, 4) and y.untyped_storage().nbytes() == y.element_size()
+    backward_step(y, grad, e)
+    assert torch.equal(w.grad, want[0]) and torch.equal(exit_w.grad, want[1])
+    view = torch.randn(4, 4, requires_grad=True)[1:]
+    free_output(view)  # a view's storage is its base's: left alone
+    assert view.untyped_storage().nbytes() == 16 * view.element_size()

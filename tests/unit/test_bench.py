@@ -31,6 +31,8 @@ def test_training_quick(tmp_path):
         assert x["tokens_per_s"] > 0 and x["cpu_step_s"] > 0 and len(x["steps_s"]) == len(x["cpu_steps_s"]) == 2
         assert len(x["peak_mib"]) == x["pp"] and all(p > 0 for p in x["peak_mib"])
     assert got[(1, "ours, 2 exits")]["exits"] == [1, 3] and got[(1, "ours")]["exits"] == []
+    for m in r["freed_outputs"]:  # kept against freed sent outputs, per stage
+        assert len(m["kept_mib"]) == len(m["freed_mib"]) == m["pp"] and all(x > 0 for x in m["kept_mib"])
 
 
 def test_schedules_quick(tmp_path):

@@ -8,13 +8,51 @@ autograd call over both roots, ``backward([y, s·E], [g, 1])``, instead of EE-LL
 Loss scaling: the last stage multiplies its loss by the scale ``s``, so every received ``g`` already
 carries it; exit losses are multiplied by ``s`` here too (EE-LLM forgot, which breaks fp16 dynamic loss
 scaling: exit gradients came out ``s`` times too small relative to the final loss's).
+
+Freeing sent outputs (Megatron's pseudo-deallocation, which EE-LLM dropped on exit stages): once a
+stage's output has been sent, only its autograd graph is needed -- ``backward([y, s·E], [g, 1])`` never
+reads ``y``'s values, and unlike EE-LLM's surrogate ``Σ(y ⊙ g)`` it need not. :func:`free_output` makes
+``y`` a one-element, zero-stride tensor of the same shape: memory goes, and the public
+``torch.autograd.backward`` still checks ``g``'s shape against ``y``'s (Megatron replaces the data by a
+``(1,)`` tensor and must call autograd's private C++ engine to get past that check). Freeing is safe only
+if no autograd node saved ``y`` itself -- a post-exit head projecting the stage's last hidden state does:
+its linear saves its input -- so a forward whose output will be freed runs under
+:func:`saving_aliases`, which makes autograd save detached aliases: a saved ``y`` keeps its storage
+(and values) through its alias, and the ``y`` the runtime holds can always be freed.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-__all__ = ["backward_step"]
+__all__ = ["backward_step", "free_output", "saving_aliases"]
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    return t.detach()
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@contextlib.contextmanager
+def saving_aliases() -> Iterator[None]:
+    """Autograd saves a detached alias (same storage, its own tensor) of every tensor it saves in this
+    context, so :func:`free_output` on a tensor made here never changes a saved value. Unpacking
+    restores the autograd metadata, so backward is unchanged."""
+    with torch.autograd.graph.saved_tensors_hooks(_alias, _same):
+        yield
+
+
+def free_output(output: torch.Tensor) -> None:
+    """Drop ``output``'s data but keep its autograd graph and shape (see the module docstring). A view
+    is left alone: its storage belongs to its base, so nothing would be freed."""
+    if output._base is None:
+        output.data = torch.empty((), dtype=output.dtype, device=output.device).expand(output.shape)
 
 
 def backward_step(

@@ -19,16 +19,29 @@ the loss scale is applied in ``backward_step``.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from .backward import backward_step
+from .backward import backward_step, free_output, saving_aliases
 from .p2p import PipelineP2P
-from .schedules import BACKWARD_KINDS, Action, ActionKind, Schedule, needs_input_grad
+from .schedules import (
+    BACKWARD_KINDS,
+    Action,
+    ActionKind,
+    Costs,
+    Schedule,
+    ScheduleError,
+    ascii_grid,
+    needs_input_grad,
+    simulate,
+)
 
-__all__ = ["run_schedule", "StepLosses", "ForwardStep"]
+__all__ = ["run_schedule", "StepLosses", "ForwardStep", "PipelineStepError"]
+
+_SENDS = frozenset({ActionKind.SEND_F, ActionKind.SEND_B})
 
 
 class _StageOutput(Protocol):
@@ -75,6 +88,7 @@ def run_schedule(
     exit_weights: Mapping[int, float] | None = None,
     loss_scale: float | torch.Tensor | None = None,
     grad_buffers: Sequence | None = None,
+    deallocate_outputs: bool = True,
 ) -> StepLosses:
     """Run ``stage``'s actions of ``schedule``.
 
@@ -88,95 +102,153 @@ def run_schedule(
         grad_buffers: per chunk, a :class:`~megatron.core.distributed.grad_buffer.GradBuffers` (or
             ``None``): synchronisation is enabled before each chunk's last backward so buckets reduce
             while the backward goes on; the caller calls ``finish_grad_sync`` after the step.
+        deallocate_outputs: free an output's data once it is sent, keeping its graph for the backward
+            (Megatron's ``deallocate_pipeline_outputs``; see ``backward.py``). Off only to measure it.
+
+    A failure in any action is re-raised as :class:`PipelineStepError` naming the stage, the action and
+    its index, with the schedule's timeline (the original exception is its ``__cause__``).
     """
-    header = schedule.header
-    actions = schedule[stage]
-    m = header.num_microbatches
-    last_position = header.num_positions - 1
-    weights = dict(exit_weights or {})
-    want_input_grad = needs_input_grad(schedule, stage)
-    sends_output = {(a.chunk, a.mb) for a in actions if a.kind is ActionKind.SEND_F}
-    last_backward = {a.chunk: i for i, a in enumerate(actions) if a.kind in BACKWARD_KINDS}
+    run = _StageRun(schedule, stage, forward_step, comm, tuple(tensor_shape), dtype, dict(exit_weights or {}),
+                    loss_scale, grad_buffers, deallocate_outputs)
+    actions = run.actions
+    i = 0
+    while i < len(actions):
+        j = i + 1
+        if actions[i].is_comm:
+            while j < len(actions) and actions[j].is_comm:
+                j += 1
+        try:
+            run.execute(i, actions[i:j])
+        except Exception as e:
+            raise PipelineStepError(schedule, stage, i, j, e) from e
+        i = j
+    if run.pending and any(a.kind in BACKWARD_KINDS for a in actions):
+        leftover = sorted(run.pending)
+        raise PipelineStepError(schedule, stage, len(actions), len(actions),
+                                RuntimeError(f"forwards {leftover} were never back-propagated"))
+    return run.losses
 
-    received: dict[tuple[ActionKind, int, int], torch.Tensor] = {}
-    to_send: dict[tuple[ActionKind, int, int], torch.Tensor] = {}
-    pending: dict[tuple[int, int], _Pending] = {}
-    losses = StepLosses()
 
-    def communicate(batch: list[Action]) -> None:
-        sends, recvs = [], []
-        for a in batch:
-            if a.kind in (ActionKind.SEND_F, ActionKind.SEND_B):
-                sends.append((to_send.pop((a.kind, a.chunk, a.mb)), a.peer))
-            else:
-                recvs.append((tuple(tensor_shape), dtype, a.peer))
-        if comm is None:
+class _StageRun:
+    """One stage's state while it runs its actions: received tensors, tensors to send, and what each
+    forward leaves for its backward."""
+
+    def __init__(self, schedule, stage, forward_step, comm, tensor_shape, dtype, weights, loss_scale,
+                 grad_buffers, deallocate_outputs):
+        self.header, self.stage, self.actions = schedule.header, stage, schedule[stage]
+        self.forward_step, self.comm, self.tensor_shape, self.dtype = forward_step, comm, tensor_shape, dtype
+        self.weights, self.loss_scale, self.grad_buffers = weights, loss_scale, grad_buffers
+        self.deallocate = deallocate_outputs
+        self.m = self.header.num_microbatches
+        self.want_input_grad = needs_input_grad(schedule, stage)
+        self.sends_output = {(a.chunk, a.mb) for a in self.actions if a.kind is ActionKind.SEND_F}
+        # A backward seeded by exit losses only never uses the output: keeping it would keep the graph of
+        # the layers after the exit alive for nothing.
+        self.exit_seeded = {(a.chunk, a.mb) for a in self.actions if a.kind is ActionKind.B_EXIT}
+        self.last_backward = {a.chunk: i for i, a in enumerate(self.actions) if a.kind in BACKWARD_KINDS}
+        self.received: dict[tuple[ActionKind, int, int], torch.Tensor] = {}
+        self.to_send: dict[tuple[ActionKind, int, int], torch.Tensor] = {}
+        self.pending: dict[tuple[int, int], _Pending] = {}
+        self.losses = StepLosses()
+
+    def execute(self, i: int, batch: Sequence[Action]) -> None:
+        """Action ``i``, or the communication batch starting there."""
+        a = batch[0]
+        buffers = None if self.grad_buffers is None else self.grad_buffers[a.chunk]
+        if a.is_comm:
+            self.communicate(batch)
+        elif a.kind in BACKWARD_KINDS:
+            if buffers is not None and self.last_backward.get(a.chunk) == i:
+                buffers.start_grad_sync()
+            self.backward(a)
+        elif a.kind is ActionKind.GRAD_SYNC:
+            if buffers is not None:
+                buffers.launch_remaining()
+        else:
+            self.forward(a)
+
+    def communicate(self, batch: Sequence[Action]) -> None:
+        sent = [(a, self.to_send.pop((a.kind, a.chunk, a.mb))) for a in batch if a.kind in _SENDS]
+        recv_actions = [a for a in batch if a.kind not in _SENDS]
+        if self.comm is None:
             raise RuntimeError("this schedule communicates between stages but no PipelineP2P was given")
-        tensors = comm.exchange(sends, recvs)
-        recv_actions = [a for a in batch if a.kind in (ActionKind.RECV_F, ActionKind.RECV_B)]
+        tensors = self.comm.exchange([(t, a.peer) for a, t in sent],
+                                     [(self.tensor_shape, self.dtype, a.peer) for a in recv_actions])
+        for a, t in sent:
+            # The exchange has completed: the data went out and only the graph is needed now.
+            if self.deallocate and a.kind is ActionKind.SEND_F and t.requires_grad:
+                free_output(t)
         for a, t in zip(recv_actions, tensors):
-            received[(a.kind, a.chunk, a.mb)] = t
+            self.received[(a.kind, a.chunk, a.mb)] = t
 
-    def forward(a: Action) -> None:
-        position = header.position(stage, a.chunk)
-        x = received.pop((ActionKind.RECV_F, a.chunk, a.mb), None) if position > 0 else None
-        if x is not None and (a.chunk, a.mb) in want_input_grad:
+    def forward(self, a: Action) -> None:
+        key, header, m = (a.chunk, a.mb), self.header, self.m
+        position = header.position(self.stage, a.chunk)
+        x = self.received.pop((ActionKind.RECV_F, a.chunk, a.mb), None) if position > 0 else None
+        if x is not None and key in self.want_input_grad:
             x.requires_grad_()
-        with torch.set_grad_enabled(a.kind is ActionKind.F):
-            out = forward_step(a.chunk, a.mb, x)
+        freed = self.deallocate and a.kind is ActionKind.F and key in self.sends_output
+        with torch.set_grad_enabled(a.kind is ActionKind.F), saving_aliases() if freed else nullcontext():
+            out = self.forward_step(a.chunk, a.mb, x)
         exit_loss = None
         for layer, value in sorted(out.exit_losses.items()):
-            losses.add(f"early loss [{layer}]", value)
-            term = value * (weights.get(layer, 1.0) / m)
+            self.losses.add(f"early loss [{layer}]", value)
+            term = value * (self.weights.get(layer, 1.0) / m)
             exit_loss = term if exit_loss is None else exit_loss + term
         output = out.output
         # The plan, not the position alone, says whether this output is the final loss: an EE-Tuning
         # stream run over the first k stages ends on a stage that has no head.
-        if position == last_position and header.routes[a.mb].final_loss:
-            losses.add("lm loss", output)
+        if position == header.num_positions - 1 and header.routes[a.mb].final_loss:
+            self.losses.add("lm loss", output)
             output = output / m
-        elif (a.chunk, a.mb) in sends_output:
-            to_send[(ActionKind.SEND_F, a.chunk, a.mb)] = output
+        elif key in self.sends_output:
+            self.to_send[(ActionKind.SEND_F, a.chunk, a.mb)] = output
         if a.kind is ActionKind.F:
-            pending[(a.chunk, a.mb)] = _Pending(x, output, exit_loss)
+            self.pending[key] = _Pending(x, None if key in self.exit_seeded else output, exit_loss)
 
-    def backward(a: Action) -> None:
-        p = pending.pop((a.chunk, a.mb))
-        grad = received.pop((ActionKind.RECV_B, a.chunk, a.mb), None)
+    def backward(self, a: Action) -> None:
+        p = self.pending.pop((a.chunk, a.mb))
+        grad = self.received.pop((ActionKind.RECV_B, a.chunk, a.mb), None)
         seeded_by_output = a.kind is not ActionKind.B_EXIT
         if seeded_by_output and grad is None and p.output is not None and p.output.dim() != 0:
-            raise RuntimeError(f"stage {stage}: {a} has no gradient from downstream")
+            raise RuntimeError(f"{a} has no gradient from downstream")
         input_grad = backward_step(
             p.output if seeded_by_output else None,
             grad if seeded_by_output else None,
             p.exit_loss,
-            loss_scale,
-            p.input if (a.chunk, a.mb) in want_input_grad else None,
+            self.loss_scale,
+            p.input if (a.chunk, a.mb) in self.want_input_grad else None,
         )
         if input_grad is not None:
-            to_send[(ActionKind.SEND_B, a.chunk, a.mb)] = input_grad
+            self.to_send[(ActionKind.SEND_B, a.chunk, a.mb)] = input_grad
 
-    i = 0
-    while i < len(actions):
-        a = actions[i]
-        if a.is_comm:
-            j = i
-            while j < len(actions) and actions[j].is_comm:
-                j += 1
-            communicate(list(actions[i:j]))
-            i = j
-            continue
-        if a.kind in BACKWARD_KINDS:
-            if grad_buffers is not None and last_backward.get(a.chunk) == i and grad_buffers[a.chunk] is not None:
-                grad_buffers[a.chunk].start_grad_sync()
-            backward(a)
-        elif a.kind is ActionKind.GRAD_SYNC:
-            if grad_buffers is not None and grad_buffers[a.chunk] is not None:
-                grad_buffers[a.chunk].launch_remaining()
-        else:
-            forward(a)
-        i += 1
-    if pending and any(a.kind in BACKWARD_KINDS for a in actions):
-        leftover = sorted(k for k, p in pending.items())
-        raise RuntimeError(f"stage {stage}: forwards {leftover} were never back-propagated")
-    return losses
+
+class PipelineStepError(RuntimeError):
+    """An action of a pipeline schedule failed: says which stage, which action (index and name, or the
+    whole communication batch) and why, and draws the schedule so the failure can be placed in it."""
+
+    def __init__(self, schedule: Schedule, stage: int, start: int, stop: int, cause: BaseException):
+        actions = schedule[stage]
+        failed = list(actions[start:stop])
+        what = ("after its last action" if not failed else
+                f"action {start} {failed[0]}" if len(failed) == 1 else
+                f"actions {start}..{stop - 1} (one communication batch: {', '.join(map(str, failed))})")
+        around = [f"  {'>>' if start <= k < max(stop, start + 1) else '  '} {k:4d} {actions[k]}"
+                  for k in range(max(0, start - 3), min(len(actions), stop + 3))]
+        super().__init__(
+            f"pipeline stage {stage} failed in schedule {schedule.header.name!r} at {what}: "
+            f"{type(cause).__name__}: {cause}\n"
+            f"stage {stage}'s actions around it:\n" + "\n".join(around) + "\n"
+            f"the schedule (simulated times, forward 1, backward {_ratio(schedule)}):\n" + _grid(schedule))
+        self.stage, self.index, self.actions = stage, start, failed
+
+
+def _ratio(schedule: Schedule) -> float:
+    return schedule.header.backward_forward_ratio or 2.0
+
+
+def _grid(schedule: Schedule) -> str:
+    try:
+        return ascii_grid(simulate(schedule, Costs.from_ratio(_ratio(schedule))), schedule.header)
+    except ScheduleError as e:  # a schedule that cannot even be simulated says so instead
+        return f"(cannot be drawn: {e})"
