@@ -29,8 +29,9 @@ from typing import Iterator
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.data.indexed_dataset import IndexedDatasetBuilder, IndexedDatasetError, best_fitting_dtype  # noqa: E402
-from megatron.tokenizer import TokenizerArgumentError, add_tokenizer_args, build_tokenizer_from_args  # noqa: E402
+from megatron.cli_errors import run_cli  # noqa: E402
+from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype  # noqa: E402
+from megatron.tokenizer import add_tokenizer_args, build_tokenizer_from_args  # noqa: E402
 
 __all__ = ["main", "get_args", "read_documents", "sentence_splitter", "PreprocessError"]
 
@@ -267,7 +268,4 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (PreprocessError, IndexedDatasetError, TokenizerArgumentError) as exc:
-        sys.exit(f"error: {exc}")
+    sys.exit(run_cli(main))

@@ -21,12 +21,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.config import ConfigError  # noqa: E402
+from megatron.cli_errors import run_cli  # noqa: E402
 from megatron.text_generation.engine import InferenceEngine  # noqa: E402
 from megatron.text_generation.generation import generate  # noqa: E402
 from megatron.text_generation.server_launch import build, model_info, serve, server_args  # noqa: E402
-from megatron.tokenizer.base import TokenizerArgumentError  # noqa: E402
-from megatron.training.checkpoint import CheckpointError  # noqa: E402
 
 
 def _interrupt(signum, frame):
@@ -35,12 +33,8 @@ def _interrupt(signum, frame):
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        args = server_args(argv)
-        run, state, tokenizer, chunks = build(args)
-    except (ConfigError, TokenizerArgumentError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = server_args(argv)
+    run, state, tokenizer, chunks = build(args)
     engine = InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
     signal.signal(signal.SIGTERM, _interrupt)
     serve(lambda request: generate(engine, request), state, model_info(args, run, tokenizer), args.host, args.port)
@@ -48,4 +42,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
