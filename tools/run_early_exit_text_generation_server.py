@@ -22,9 +22,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.cli_errors import run_cli  # noqa: E402
+from megatron.config import ConfigError  # noqa: E402
 from megatron.text_generation.engine import InferenceEngine  # noqa: E402
 from megatron.text_generation.generation import generate  # noqa: E402
 from megatron.text_generation.server_launch import build, model_info, serve, server_args  # noqa: E402
+from megatron.tokenizer.base import TokenizerArgumentError  # noqa: E402
+from megatron.training.checkpoint import CheckpointError  # noqa: E402
 
 
 def _interrupt(signum, frame):
@@ -33,8 +36,12 @@ def _interrupt(signum, frame):
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = server_args(argv)
-    run, state, tokenizer, chunks = build(args)
+    try:
+        args = server_args(argv)
+        run, state, tokenizer, chunks = build(args)
+    except (ConfigError, TokenizerArgumentError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     engine = InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
     signal.signal(signal.SIGTERM, _interrupt)
     serve(lambda request: generate(engine, request), state, model_info(args, run, tokenizer), args.host, args.port)
