@@ -25,7 +25,7 @@ DEBUG_ENV = "EE_MEGATRON_DEBUG"
 # Raised with a message meant for the user: bad values (every flag / file / config error here is a
 # ValueError), missing optional packages, unusable paths.
 USER_ERRORS = (ValueError, ImportError, OSError)
-_OUR_PACKAGES = ("megatron", "tools")
+_OUR_PACKAGES = ("megatron", "tools", "__main__")  # __main__: a script's own error classes
 
 
 def is_user_error(exc: BaseException) -> bool:

@@ -41,6 +41,8 @@ def test_bugs_keep_their_traceback_and_debug_shows_every_one(monkeypatch):
         run_cli(_raises(AssertionError("a bug")), [])
     with pytest.raises(RuntimeError):
         run_cli(_raises(RuntimeError("from torch")), [])
+    script_error = type("ScriptError", (RuntimeError,), {"__module__": "__main__"})  # a script's own class
+    assert cli_errors.is_user_error(script_error("x")) and not cli_errors.is_user_error(RuntimeError("x"))
     monkeypatch.setenv(DEBUG_ENV, "1")
     with pytest.raises(ConfigError):
         run_cli(_raises(ConfigError("--x")), [])
