@@ -12,6 +12,7 @@ See ``examples/ee_training/`` for launch scripts.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -20,8 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron.arguments import parse_args  # noqa: E402
-from megatron.config import ConfigError  # noqa: E402
-from megatron.training.checkpoint import CheckpointError  # noqa: E402
+from megatron.cli_errors import run_cli  # noqa: E402
 from megatron.training.logging_utils import configure_logging  # noqa: E402
 from megatron.training.setup import world_from_env  # noqa: E402
 from megatron.training.training import pretrain  # noqa: E402
@@ -39,8 +39,4 @@ def main(argv: list[str] | None = None, start_time: float | None = None):
 
 
 if __name__ == "__main__":
-    try:
-        main(start_time=_START)
-    except (ConfigError, CheckpointError) as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(functools.partial(main, start_time=_START)))

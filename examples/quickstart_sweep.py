@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron.evaluation.adapter import make_generate_fn  # noqa: E402
-from megatron.evaluation.launch import build_model, run_cli  # noqa: E402
+from megatron.cli_errors import run_cli  # noqa: E402
+from megatron.evaluation.launch import build_model  # noqa: E402
 from tools.sweep_thresholds import parse, parse_thresholds, read_prompts, sweep  # noqa: E402
 
 FULL = "full"

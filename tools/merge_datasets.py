@@ -15,6 +15,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.cli_errors import run_cli  # noqa: E402
 from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError  # noqa: E402
 
 __all__ = ["main", "find_prefixes", "merge"]
@@ -54,7 +55,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except IndexedDatasetError as exc:
-        sys.exit(f"error: {exc}")
+    sys.exit(run_cli(main))

@@ -21,6 +21,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from typing import Iterator
@@ -28,8 +29,9 @@ from typing import Iterator
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.data.indexed_dataset import IndexedDatasetBuilder, IndexedDatasetError, best_fitting_dtype  # noqa: E402
-from megatron.tokenizer import TokenizerArgumentError, add_tokenizer_args, build_tokenizer_from_args  # noqa: E402
+from megatron.cli_errors import run_cli  # noqa: E402
+from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype  # noqa: E402
+from megatron.tokenizer import add_tokenizer_args, build_tokenizer_from_args  # noqa: E402
 
 __all__ = ["main", "get_args", "read_documents", "sentence_splitter", "PreprocessError"]
 
@@ -75,18 +77,7 @@ class Encoder:
     def encode(self, item: tuple[int, str, bytes | str]):
         """(line number, kind, raw) -> ({key: (ids, sentence lengths)}, raw size in bytes)."""
         lineno, kind, raw = item
-        if kind == "txt":
-            texts = {self.args.json_keys[0]: raw}
-        else:
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise PreprocessError(f"{self.args.input}:{lineno}: not valid JSON ({exc})") from None
-            missing = [k for k in self.args.json_keys if k not in record]
-            if missing:
-                raise PreprocessError(f"{self.args.input}:{lineno}: no key {missing[0]!r}; "
-                                      f"set --json-keys to keys the records have ({sorted(record)})")
-            texts = {k: record[k] for k in self.args.json_keys}
+        texts = {self.args.json_keys[0]: raw} if kind == "txt" else self._fields(lineno, raw)
         out = {}
         for key, text in texts.items():
             sentences = text if isinstance(text, list) else (self.split(text) if self.split else [text])
@@ -105,24 +96,75 @@ class Encoder:
             out[key] = (ids, lengths)
         return out, len(raw.encode("utf-8")) if isinstance(raw, str) else len(raw)
 
+    def _fields(self, lineno: int, raw: str) -> dict[str, str | list[str]]:
+        """The ``--json-keys`` texts of one JSON line, each a string or a list of strings."""
+        where = f"{self.args.input}:{lineno}"
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise PreprocessError(f"{where}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise PreprocessError(f"{where}: JSON nested too deeply to read") from None
+        if not isinstance(record, dict):
+            raise PreprocessError(f"{where}: expected a JSON object with key(s) {self.args.json_keys}, "
+                                  f"got {_json_type(record)}; write one object per line")
+        missing = [k for k in self.args.json_keys if k not in record]
+        if missing:
+            raise PreprocessError(f"{where}: no key {missing[0]!r}; "
+                                  f"set --json-keys to keys the records have ({sorted(record)})")
+        for key in self.args.json_keys:
+            value = record[key]
+            if not (isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                got = f"a list holding {_json_type(next(v for v in value if not isinstance(v, str)))}" \
+                    if isinstance(value, list) else _json_type(value)
+                raise PreprocessError(f"{where}: key {key!r} holds {got}; it must be a string "
+                                      "(or a list of strings: pre-split sentences)")
+        return {k: record[k] for k in self.args.json_keys}
+
+
+def _json_type(value) -> str:
+    """JSON's name for the type of a decoded value, with its article ("an array", "null")."""
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+             type(None): "null"}
+    return names[type(value)]
+
 
 def _open_text(path: str) -> io.TextIOBase:
+    # Undecodable bytes become lone surrogates (U+DC80..U+DCFF, which valid UTF-8 never yields), so the
+    # reader can name the line holding them instead of failing somewhere in a decoded chunk.
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")
+    return open(path, "r", encoding="utf-8", errors="surrogateescape")
+
+
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+
+
+def _checked_lines(path: str, f: io.TextIOBase) -> Iterator[tuple[int, str]]:
+    """(line number, line) of ``f``; a line that is not UTF-8 is a :class:`PreprocessError` naming it."""
+    for lineno, line in enumerate(f, 1):
+        bad = _UNDECODABLE.search(line)
+        if bad:
+            byte = ord(bad.group()) - 0xDC00
+            raise PreprocessError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{byte:02x} at character "
+                                  f"{bad.start() + 1}); re-encode the file as UTF-8 (e.g. iconv -t UTF-8)")
+        yield lineno, line
 
 
 def read_documents(path: str) -> Iterator[tuple[int, str, str]]:
     """(line number, "json" or "txt", raw document) in file order."""
     plain = path.endswith((".txt", ".txt.gz"))
     with _open_text(path) as f:
+        lines = _checked_lines(path, f)
         if not plain:
-            for lineno, line in enumerate(f, 1):
+            for lineno, line in lines:
                 if line.strip():
                     yield lineno, "json", line
             return
         block, first = [], 0
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in lines:
             if line.strip():
                 if not block:
                     first = lineno
@@ -226,7 +268,4 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (PreprocessError, IndexedDatasetError, TokenizerArgumentError) as exc:
-        sys.exit(f"error: {exc}")
+    sys.exit(run_cli(main))

@@ -165,4 +165,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Imported here: as a module (the CLI's HTTP helpers) this file needs nothing beyond the standard library.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from megatron.cli_errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -21,6 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.cli_errors import run_cli  # noqa: E402
 from megatron.config import ConfigError  # noqa: E402
 from megatron.text_generation.engine import InferenceEngine  # noqa: E402
 from megatron.text_generation.generation import generate  # noqa: E402
@@ -48,4 +49,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -22,7 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.evaluation.launch import add_eval_args, build_lm, build_model, run_cli, split_argv  # noqa: E402
+from megatron.cli_errors import run_cli  # noqa: E402
+from megatron.evaluation.launch import add_eval_args, build_lm, build_model, split_argv  # noqa: E402
 from megatron.evaluation.tasks import load_task, run_task  # noqa: E402
 from megatron.text_generation.request import EarlyExitParams, GenerationRequest, SamplingParams  # noqa: E402
 

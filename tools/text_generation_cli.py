@@ -16,6 +16,7 @@ import urllib.error
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.cli_errors import run_cli  # noqa: E402
 from tools.request_client import (  # noqa: E402
     ServerError, add_request_flags, describe_exits, early_exit_fields, parse_request_flags, put_api,
 )
@@ -72,4 +73,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

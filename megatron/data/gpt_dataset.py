@@ -27,6 +27,7 @@ from megatron.data.blendable_dataset import BlendableDataset, parse_blend
 from megatron.data.helpers import build_sample_idx
 from megatron.data.index_cache import cached_arrays
 from megatron.data.indexed_dataset import IndexedDataset
+from megatron.data.token_range import Vocabulary, check_token_ids
 
 __all__ = [
     "GPTDataset",
@@ -116,6 +117,22 @@ def build_index_arrays(documents, sizes, num_samples: int, seq_length: int, seed
     return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
 
 
+def _cache_dirs(data_prefix: str, data_cache_path: str | None) -> list[str]:
+    """Where a dataset's cached arrays are looked up, in order (the last one receives new builds)."""
+    directories = [os.path.join(os.path.dirname(data_prefix), "index-cache")]
+    if data_cache_path is not None:
+        directories.append(data_cache_path)
+    return directories
+
+
+def _open(prefix: str, vocabulary: Vocabulary | None, data_cache_path, group) -> IndexedDataset:
+    """The indexed dataset at ``prefix``, its token ids checked against ``vocabulary`` (when given)."""
+    indexed = IndexedDataset(prefix)
+    if vocabulary is not None:
+        check_token_ids(indexed, vocabulary, _cache_dirs(prefix, data_cache_path), group)
+    return indexed
+
+
 class GPTDataset(torch.utils.data.Dataset):
     """Samples ``{'text': int64[seq_length + 1]}`` of one split of one indexed dataset."""
 
@@ -140,13 +157,10 @@ class GPTDataset(torch.utils.data.Dataset):
             f"Random seed {seed}\n"
             f"Split {splits_string}\n"
         )
-        directories = [os.path.join(os.path.dirname(data_prefix), "index-cache")]
-        if data_cache_path is not None:
-            directories.append(data_cache_path)
         arrays, self.index_built_here = cached_arrays(
             self.desc, _INDEX_NAMES,
             lambda: build_index_arrays(documents, sizes, num_samples, seq_length, seed),
-            directories, group=group,
+            _cache_dirs(data_prefix, data_cache_path), group=group,
         )
         self.doc_idx, self.sample_idx, self.shuffle_idx = (arrays[n] for n in _INDEX_NAMES)
 
@@ -171,8 +185,8 @@ class GPTDataset(torch.utils.data.Dataset):
 
 
 def _split_datasets(prefix: str, splits_string: str, num_samples: Sequence[int], seq_length: int, seed: int,
-                    data_cache_path, group) -> list:
-    indexed = IndexedDataset(prefix)
+                    data_cache_path, group, vocabulary) -> list:
+    indexed = _open(prefix, vocabulary, data_cache_path, group)
     bounds = get_train_valid_test_split(splits_string, len(indexed.sizes))
     out = []
     for i, name in enumerate(("train", "valid", "test")):
@@ -186,10 +200,10 @@ def _split_datasets(prefix: str, splits_string: str, num_samples: Sequence[int],
 
 
 def _whole_dataset(name: str, prefixes: Sequence[str], splits_string: str, num_samples: int, seq_length: int,
-                   seed: int, data_cache_path, group):
+                   seed: int, data_cache_path, group, vocabulary):
     """One dataset (or a blend) from ``--{train,valid,test}-data-path``: every document, no split."""
     def build(prefix, n):
-        indexed = IndexedDataset(prefix)
+        indexed = _open(prefix, vocabulary, data_cache_path, group)
         docs = np.arange(len(indexed.sizes), dtype=np.int32)
         return GPTDataset(name, prefix, docs, indexed, splits_string, n, seq_length, seed,
                           data_cache_path=data_cache_path, group=group)
@@ -205,13 +219,14 @@ def _whole_dataset(name: str, prefixes: Sequence[str], splits_string: str, num_s
 def build_train_valid_test_datasets(data_prefix, splits_string: str, train_valid_test_num_samples: Sequence[int],
                                     seq_length: int, seed: int, data_cache_path: str | None = None, *,
                                     train_data_prefix=None, valid_data_prefix=None, test_data_prefix=None,
-                                    group=None):
+                                    group=None, vocabulary: Vocabulary | None = None):
     """(train, valid, test) datasets, each None when it gets no documents or no path.
 
     ``data_prefix`` is ``--data-path``: one prefix or ``[w1, p1, w2, p2, ...]`` (blended; each dataset is
     asked for ``ceil(n * w * 1.005)`` samples). Without it the separate ``*_data_prefix`` lists are used
     whole and ``splits_string`` only enters the cache description. ``group``: the ranks that build
-    datasets together (those call this function); its first rank builds the index cache."""
+    datasets together (those call this function); its first rank builds the index cache. ``vocabulary``:
+    every data file's token ids must lie in it (checked once, before any sample is read)."""
     if isinstance(data_prefix, str):
         data_prefix = [data_prefix]
     if len(train_valid_test_num_samples) != 3:
@@ -219,9 +234,9 @@ def build_train_valid_test_datasets(data_prefix, splits_string: str, train_valid
     if data_prefix:
         if len(data_prefix) == 1:
             return tuple(_split_datasets(data_prefix[0], splits_string, train_valid_test_num_samples, seq_length,
-                                         seed, data_cache_path, group))
+                                         seed, data_cache_path, group, vocabulary))
         prefixes, weights, counts = parse_blend(data_prefix, train_valid_test_num_samples)
-        per_prefix = [_split_datasets(p, splits_string, c, seq_length, seed, data_cache_path, group)
+        per_prefix = [_split_datasets(p, splits_string, c, seq_length, seed, data_cache_path, group, vocabulary)
                       for p, c in zip(prefixes, counts)]
         blends = []
         for i in range(3):
@@ -238,6 +253,6 @@ def build_train_valid_test_datasets(data_prefix, splits_string: str, train_valid
                                  train_valid_test_num_samples):
         if isinstance(prefixes, str):
             prefixes = [prefixes]
-        out.append(_whole_dataset(name, prefixes, splits_string, n, seq_length, seed, data_cache_path, group)
-                   if prefixes else None)
+        out.append(_whole_dataset(name, prefixes, splits_string, n, seq_length, seed, data_cache_path, group,
+                                  vocabulary) if prefixes else None)
     return tuple(out)

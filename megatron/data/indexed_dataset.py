@@ -200,6 +200,11 @@ class IndexedDataset:
         return self._dtype
 
     @property
+    def tokens(self) -> np.ndarray:
+        """Every token of the ``.bin``, all sequences concatenated (memory-mapped, not copied)."""
+        return np.frombuffer(self._bin, self._dtype)
+
+    @property
     def sizes(self) -> np.ndarray:
         return self._sizes
 

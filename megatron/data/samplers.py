@@ -11,6 +11,7 @@ already consumed. With ``data_sharding`` each rank draws from its own contiguous
 
 from __future__ import annotations
 
+import signal
 from typing import Iterable, Iterator
 
 import torch
@@ -120,6 +121,17 @@ class MegatronPretrainingRandomSampler:
                 batch = []
 
 
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SIGTERM and SIGINT are for the training process, not its workers.
+
+    ``scancel``, preemption and torchrun (which signals each rank's whole process group) deliver SIGTERM to
+    the workers too; a worker killed by it makes the main process raise "DataLoader worker ... is killed by
+    signal" before ``--exit-signal-handler`` can save. Ignoring it keeps the loader alive until the main
+    process shuts it down (or dies: the workers notice a dead parent and exit on their own)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
                                   dp_size: int, *, dataloader_type: str = "single", num_workers: int = 0,
                                   data_sharding: bool = True, pin_memory: bool | None = None):
@@ -136,7 +148,8 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_si
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                                       worker_init_fn=_worker_ignores_stop_signals if num_workers > 0 else None)
 
 
 def cyclic_iter(iterable: Iterable) -> Iterator:

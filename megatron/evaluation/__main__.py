@@ -15,7 +15,9 @@ import json
 import sys
 
 from .adapter import HAVE_LM_EVAL, run_lm_eval
-from .launch import add_eval_args, build_lm, build_model, run_cli, split_argv
+from megatron.cli_errors import run_cli
+
+from .launch import add_eval_args, build_lm, build_model, split_argv
 from .tasks import TASK_KINDS, load_task, run_task
 
 

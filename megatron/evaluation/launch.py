@@ -12,11 +12,10 @@ import sys
 
 from megatron.text_generation.confidence import MEASURES
 from megatron.text_generation.server_launch import build, server_args
-from megatron.training.checkpoint import CheckpointError
 
 from .adapter import EarlyExitLM
 
-__all__ = ["add_eval_args", "split_argv", "run_cli", "build_model", "build_lm", "Model"]
+__all__ = ["add_eval_args", "split_argv", "build_model", "build_lm", "Model"]
 
 
 def split_argv(argv=None) -> tuple[list[str], list[str]]:
@@ -26,15 +25,6 @@ def split_argv(argv=None) -> tuple[list[str], list[str]]:
         return argv, []
     cut = argv.index("--")
     return argv[:cut], argv[cut + 1:]
-
-
-def run_cli(main, argv=None) -> int:
-    """``main(argv)``'s exit code; bad flags or files (whose messages name them) print one line, exit 2."""
-    try:
-        return main(argv)
-    except (ValueError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ from megatron.data.batch_utils import broadcast_data
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.mock_dataset import build_mock_train_valid_test_datasets
 from megatron.data.samplers import build_data_iterator, build_pretraining_data_loader
+from megatron.data.token_range import data_vocabulary
 from megatron.model import EarlyExitGPTModel
 from megatron.model.partition import Partition
 from megatron.optimizer import MixedPrecisionOptimizer, get_megatron_optimizer
@@ -219,10 +220,11 @@ def _datasets(run: TrainingRun, tokenizer, num_samples: list[int]):
     if d.mock_data:
         vocab = tokenizer.vocab_size if tokenizer is not None else d.vocab_size
         return build_mock_train_valid_test_datasets(num_samples, d.seq_length, vocab, seed, run.eod)
+    vocabulary = data_vocabulary(tokenizer, d.tokenizer_type, d.vocab_size)
     return build_train_valid_test_datasets(
         d.data_path, d.split, num_samples, d.seq_length, seed, d.data_cache_path,
         train_data_prefix=d.train_data_path, valid_data_prefix=d.valid_data_path,
-        test_data_prefix=d.test_data_path)
+        test_data_prefix=d.test_data_path, vocabulary=vocabulary)
 
 
 def _iterator(run: TrainingRun, dataset, consumed: int):

@@ -59,3 +59,22 @@ def test_plain_python_process_trains_and_refuses_bad_flags(tmp_path):
                          env=_env(WORLD_SIZE="4"), timeout=120)
     assert bad.returncode == 2
     assert "error: --exit-layer-nums: layer 9 is outside 1..--num-layers (4)" in bad.stderr
+
+
+def test_a_refusal_under_torchrun_is_one_line_per_rank_without_tracebacks(tmp_path):
+    """Every rank meets the same missing --data-path: each says so in one line carrying its rank and exits 2
+    (torchrun stops the other ranks when the first exits, so one or both lines; the launcher's own failure
+    summary follows, it is torchrun's)."""
+    missing = str(tmp_path / "none")
+    argv = [a for a in tiny_argv(num_workers=0) if a != "--mock-data"]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          ENTRY, *argv, "--data-path", missing, "--tokenizer-type", "NullTokenizer"],
+                         capture_output=True, text=True, env=_env(), timeout=180)
+    assert out.returncode != 0
+    ours = [line for line in out.stderr.splitlines() if "pretrain_early_exit_gpt.py: error:" in line]
+    want = f"pretrain_early_exit_gpt.py: error: {missing}.idx not found"
+    ranks = [line.split(" pretrain")[0] for line in ours]
+    assert 1 <= len(ranks) == len(set(ranks)) and set(ranks) <= {"[rank 0/2]", "[rank 1/2]"}, out.stderr[-3000:]
+    assert all(want in line for line in ours)
+    assert f'File "{ROOT}' not in out.stderr, out.stderr[-3000:]  # no traceback through our code
+    assert "exitcode  : 2" in out.stderr

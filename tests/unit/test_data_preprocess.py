@@ -101,3 +101,31 @@ def test_missing_key_and_bad_json_name_the_line(tmp_path):
     src.write_text("{not json\n")
     with pytest.raises(PreprocessError, match="bad.jsonl:1: not valid JSON"):
         _run(tmp_path, "bad", input=src, tokenizer=null)
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b'{"text": "caf\xe9"}', r"not valid UTF-8 \(byte 0xe9 at character 14\); re-encode the file as UTF-8"),
+    (b"[1, 2]", r"expected a JSON object with key\(s\) \['text'\], got an array; write one object per line"),
+    (b"5", "expected a JSON object .* got a number"),
+    (b'{"text": 3}', r"key 'text' holds a number; it must be a string \(or a list of strings"),
+    (b'{"text": null}', "key 'text' holds null; it must be a string"),
+    (b'{"text": {"a": "1"}}', "key 'text' holds an object; it must be a string"),
+    (b'{"text": ["1", 2]}', "key 'text' holds a list holding a number; it must be a string"),
+    (b"[" * 100000, "JSON nested too deeply to read"),
+], ids=["utf8", "array", "number", "int", "null", "dict", "list-of-int", "deep"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_bad_lines_name_the_file_and_line(tmp_path, line, reason, workers):
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(b'{"text": "1"}\n' + line + b'\n{"text": "2"}\n')
+    null = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "10"]
+    with pytest.raises(PreprocessError, match=f"bad.jsonl:2: {reason}"):
+        _run(tmp_path, "bad", "--workers", workers, input=src, tokenizer=null)
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # nothing published, no staged files left
+
+
+def test_invalid_utf8_in_gzipped_text_names_the_line(tmp_path):
+    src = tmp_path / "bad.txt.gz"
+    with gzip.open(src, "wb") as f:
+        f.write(b"1 2\n\n3\n4 \xff 5\n")
+    with pytest.raises(PreprocessError, match=r"bad.txt.gz:4: not valid UTF-8 \(byte 0xff at character 3\)"):
+        _run(tmp_path, "bad", input=src, tokenizer=["--tokenizer-type", "NullTokenizer", "--vocab-size", "10"])

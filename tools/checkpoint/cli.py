@@ -6,11 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
-from megatron.config import ConfigError
-from megatron.model.state_dict_sharding import StateDictError
-from megatron.training.checkpoint.layout import CheckpointError
+from megatron import cli_errors
 
 from .megatron_io import Layout, ModelCheckpoint, build_args, update_args, write_megatron
 
@@ -47,11 +44,7 @@ def save_megatron(save_dir: str, ckpt: ModelCheckpoint, layout: Layout) -> None:
 
 
 def run_cli(main, argv=None) -> int:
-    """Run ``main(argv)``; a configuration / checkpoint error prints one line and exits with status 2."""
+    """Run ``main(argv)`` with progress messages on; errors as every entry point reports them
+    (:func:`megatron.cli_errors.run_cli`)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        main(argv)
-    except (ConfigError, CheckpointError, StateDictError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_errors.run_cli(main, argv)
