@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron.config import ConfigError  # noqa: E402
 from megatron.text_generation.engine import InferenceEngine  # noqa: E402
 from megatron.text_generation.generation import generate  # noqa: E402
-from megatron.text_generation.server_launch import build, model_info, serve, server_args  # noqa: E402
+from megatron.text_generation.server_launch import build, model_info, serve, server_args, server_limits  # noqa: E402
 from megatron.tokenizer.base import TokenizerArgumentError  # noqa: E402
 from megatron.training.checkpoint import CheckpointError  # noqa: E402
 
@@ -43,8 +43,8 @@ def main(argv=None) -> int:
         return 2
     engine = InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
     signal.signal(signal.SIGTERM, _interrupt)
-    serve(lambda request: generate(engine, request), state, model_info(args, run, tokenizer), args.host, args.port)
-    return 0
+    return serve(lambda request: generate(engine, request), state, model_info(args, run, tokenizer), args.host,
+                 args.port, server_limits(args))
 
 
 if __name__ == "__main__":
