@@ -10,6 +10,9 @@ Global rank 0 answers HTTP; the other ranks follow its broadcast requests. Open 
 browser for the playground: a prompt box, the decoding mode (full depth, early exit, self-speculative)
 and the generated tokens coloured by the exit they left at. Without ``--load`` it
 refuses to start unless ``--random-weights`` is given. Start-up logic: megatron/text_generation/server_launch.py.
+
+Exit status: 0 after SIGTERM / Ctrl-C, 2 for bad flags, 1 when the ranks could no longer agree (a rank
+lost, or stuck after a failed generation: ``/health`` said ``"failed"`` first); restart it then.
 """
 
 from __future__ import annotations
@@ -47,5 +50,16 @@ def main(argv=None) -> int:
                  args.port, server_limits(args))
 
 
+def _exit(code: int) -> None:
+    if code == 0:
+        sys.exit(0)
+    # The ranks could not agree: a collective of this process may still be pending, and the interpreter's
+    # clean-up would wait for it for ever (and keep the other ranks waiting for this one). Leave at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -309,11 +309,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HTTPError(411, {"error": "a Content-Length header is required", "field": "Content-Length"})
         if len(set(values)) > 1 or not _CONTENT_LENGTH.fullmatch(values[0].strip()):
             raise RequestError("Content-Length", f"must be one non-negative integer, got {show_value(values)}")
-        text, most = values[0].strip(), self.server.service.limits.max_body_bytes
-        if len(text) > len(str(most)) or int(text) > most:  # the length test first: int() refuses 4,300 digits
-            raise _HTTPError(413, {"error": f"the body ({show_value(text)} bytes) is over the server's "
+        digits, most = values[0].strip().lstrip("0") or "0", self.server.service.limits.max_body_bytes
+        if len(digits) > len(str(most)) or int(digits) > most:  # the length test first: int() refuses 4,300 digits
+            raise _HTTPError(413, {"error": f"the body ({digits[:40]} bytes) is over the server's "
                                             f"--max-body-bytes {most}", "field": "Content-Length"})
-        length = int(text)
+        length = int(digits)
         try:
             raw = self.rfile.read(length)
         except TimeoutError:

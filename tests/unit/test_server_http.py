@@ -219,6 +219,7 @@ def _raw(url, method, path, headers, body=b"", close_write=True, timeout=10.0):
     ([], b'{"prompts": "a"}', 411, "Content-Length"),
     ([("Transfer-Encoding", "chunked")], b'10\r\n{"prompts": "a"}\r\n0\r\n\r\n', 411, "Transfer-Encoding"),
     ([("Content-Length", str(10**30))], b"", 413, "Content-Length"),
+    ([("Content-Length", "0" * 5000 + "3000")], b"[" * 3000, 413, "Content-Length"),
     ([("Content-Length", "3000")], b"[" * 3000, 413, "Content-Length"),  # over the fixture's 2,048 bytes
     ([("Content-Length", "2000")], b"[" * 1000 + b"]" * 1000, 400, "body"),  # RecursionError in json
 ])
