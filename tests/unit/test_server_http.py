@@ -182,14 +182,20 @@ def test_stopped_service_answers_503():
         srv.stop()
 
 
-def test_close_gives_up_on_a_hung_request():
+def _held():
+    """A generate function that blocks until released, and the (release, entered) events driving it."""
     release, entered = threading.Event(), threading.Event()
 
-    def hang(request):
+    def hold(request):
         entered.set()
         release.wait(10)
         return FakeGenerate._result(request)
 
+    return hold, release, entered
+
+
+def test_close_gives_up_on_a_hung_request():
+    hang, release, entered = _held()
     service = GenerationService(hang)
     worker = threading.Thread(target=service.run, args=(parse_api_request({"prompts": "a"}),))
     worker.start()
@@ -323,13 +329,7 @@ def test_ranks_that_cannot_agree_fail_the_server_for_good():
 
 
 def test_health_reports_a_running_request():
-    release, entered = threading.Event(), threading.Event()
-
-    def slow(request):
-        entered.set()
-        release.wait(10)
-        return FakeGenerate._result(request)
-
+    slow, release, entered = _held()
     srv = InferenceServer(GenerationService(slow), port=0).start()
     try:
         worker = threading.Thread(target=call, args=(srv, "PUT", "/api", {"prompts": "a", "tokens_to_generate": 1}))
