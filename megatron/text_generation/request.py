@@ -191,13 +191,13 @@ class _Fields:
         _check_range(name, value, lo, hi)
         return float(value)
 
-    def int_list(self, name: str, lo: int = 0, hi: int = MAX_INT) -> list[int]:
+    def int_list(self, name: str) -> list[int]:
         value = self.raw(name, [])
         if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
             raise RequestError(name, f"must be a list of integers, got {show_value(value)}")
         _check_count(name, value, MAX_LIST_ITEMS)
         for v in value:
-            _check_range(name, v, lo, hi)
+            _check_range(name, v, 0, MAX_INT)
         return list(value)
 
     def str_list(self, name: str, allow_str: bool = True, max_items: int = MAX_STOP_SEQUENCES) -> list[str]:
