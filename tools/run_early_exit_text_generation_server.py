@@ -10,6 +10,9 @@ Global rank 0 answers HTTP; the other ranks follow its broadcast requests. Open 
 browser for the playground: a prompt box, the decoding mode (full depth, early exit, self-speculative)
 and the generated tokens coloured by the exit they left at. Without ``--load`` it
 refuses to start unless ``--random-weights`` is given. Start-up logic: megatron/text_generation/server_launch.py.
+
+Exit status: 0 after SIGTERM / Ctrl-C, 2 for bad flags, 1 when the ranks could no longer agree (a rank
+lost, or stuck after a failed generation: ``/health`` said ``"failed"`` first); restart it then.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from megatron.cli_errors import run_cli  # noqa: E402
 from megatron.config import ConfigError  # noqa: E402
 from megatron.text_generation.engine import InferenceEngine  # noqa: E402
 from megatron.text_generation.generation import generate  # noqa: E402
-from megatron.text_generation.server_launch import build, model_info, serve, server_args  # noqa: E402
+from megatron.text_generation.server_launch import build, model_info, serve, server_args, server_limits  # noqa: E402
 from megatron.tokenizer.base import TokenizerArgumentError  # noqa: E402
 from megatron.training.checkpoint import CheckpointError  # noqa: E402
 
@@ -44,9 +47,20 @@ def main(argv=None) -> int:
         return 2
     engine = InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
     signal.signal(signal.SIGTERM, _interrupt)
-    serve(lambda request: generate(engine, request), state, model_info(args, run, tokenizer), args.host, args.port)
-    return 0
+    return serve(lambda request: generate(engine, request), state, model_info(args, run, tokenizer), args.host,
+                 args.port, server_limits(args))
+
+
+def _exit(code: int) -> None:
+    if code == 0:
+        sys.exit(0)
+    # The ranks could not agree: a collective of this process may still be pending, and the interpreter's
+    # clean-up would wait for it for ever (and keep the other ranks waiting for this one). Leave at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    _exit(run_cli(main))

@@ -3,15 +3,20 @@ turn HTTP JSON bodies (EE-LLM's ``PUT /api`` and OpenAI's ``POST /v1/completions
 rank-0-to-all broadcast of a request (or of the shutdown message) before every rank calls ``generate``.
 
 Every invalid field raises :class:`RequestError` naming the field; the server answers it with HTTP 400.
-EE-LLM's parser bugs (reference 12.9) are fixed here: booleans are read by value, ints are accepted
-where floats are, the default threshold means "no early exit", ``stop_sequences`` and ``beam_width``
-work, and a missing ``top_p`` never crashes the ``top_p_decay`` / ``top_p_bound`` checks.
+Every field is bounded here, before any rank sees the request: a value that passes cannot overflow a
+tensor, a seed or a division in generation (on a pipeline, one rank failing mid-generation leaves the
+others waiting). :class:`ServerLimits` holds the bounds that are flags of the launcher (request size,
+prompts, beams, batch tokens, connections, timeouts). EE-LLM's parser bugs (reference 12.9) are fixed
+here: booleans are read by value, ints are accepted where floats are, the default threshold means "no
+early exit", ``stop_sequences`` and ``beam_width`` work, and a missing ``top_p`` never crashes the
+``top_p_decay`` / ``top_p_bound`` checks.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import reprlib
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -19,14 +24,23 @@ import torch
 from .confidence import MEASURES
 
 __all__ = [
-    "SamplingParams", "EarlyExitParams", "GenerationRequest", "GenerationResult", "RequestError",
-    "parse_api_request", "parse_completions_request", "broadcast_request", "SHUTDOWN",
+    "SamplingParams", "EarlyExitParams", "GenerationRequest", "GenerationResult", "RequestError", "ServerLimits",
+    "DEFAULT_LIMITS", "parse_api_request", "parse_completions_request", "broadcast_request", "show_value", "SHUTDOWN",
     "MAX_PROMPTS", "EXIT_METHODS", "DECODING_MODES", "MAX_SPECULATIVE_TOKENS",
 ]
 
 MAX_PROMPTS = 128
 MAX_TOP_K = 1000
 MAX_TEMPERATURE = 100.0
+# Below this, logits / temperature overflows float32 for large logits (NaN probabilities); sampling there is
+# greedy in effect anyway, and temperature 0 asks for greedy.
+MIN_TEMPERATURE = 1e-4
+MAX_INT = 2**31 - 1  # every integer field (ids, lengths, layers, caps): fits any index tensor
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+MAX_LENGTH_PENALTY = 10.0  # length ** penalty stays finite and non-zero in float64 for any context length
+MAX_THRESHOLD_DECAY = 1e4
+MAX_LIST_ITEMS = 1024  # stop_token_ids, exit_layers
+MAX_STOP_SEQUENCES = 64
 EXIT_METHODS = ("auto", "recompute", "pipeline")
 DECODING_MODES = ("full", "early_exit", "speculative")
 MAX_SPECULATIVE_TOKENS = 64
@@ -90,6 +104,43 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)  # decoding statistics, e.g. "speculative": acceptance rate
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request or client may take of the server; each is a flag of the launcher (``server_launch``).
+    ``max_batch_tokens`` bounds rows x (longest prompt + ``tokens_to_generate``), rows being the prompts or
+    the beams: the KV cache a request allocates on every rank. ``read_timeout_s`` bounds the time a client
+    may take to send its headers and body; ``sync_timeout_s`` how long rank 0 waits, after a request, for
+    every rank to confirm that it finished it (longer means the ranks can no longer agree)."""
+
+    max_body_bytes: int = 4 << 20
+    max_prompts: int = MAX_PROMPTS
+    max_beam_width: int = 16
+    max_batch_tokens: int = 32768
+    max_connections: int = 64
+    read_timeout_s: float = 30.0
+    sync_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ServerLimits.{f.name} must be a positive number, got {value!r}")
+
+
+DEFAULT_LIMITS = ServerLimits()
+
+
+def show_value(value: Any) -> str:
+    """A short repr of a client's value for an error message: long strings, huge numbers and deep or
+    long containers are abbreviated (a plain repr of a 1,000-deep list raises RecursionError)."""
+    return _SHORT.repr(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 3, 60, 40, 60
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = 6
+
+
 class RequestError(ValueError):
     """An invalid request field; the server answers ``{"error": reason, "field": field}`` with HTTP 400."""
 
@@ -121,58 +172,75 @@ class _Fields:
     def bool(self, name: str, default: bool) -> bool:
         value = self.raw(name, default)
         if not isinstance(value, bool):
-            raise RequestError(name, f"must be a boolean (true or false), got {value!r}")
+            raise RequestError(name, f"must be a boolean (true or false), got {show_value(value)}")
         return value
 
-    def int(self, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+    def int(self, name: str, default: int | None, lo: int = 0, hi: int = MAX_INT) -> int | None:
         value = self.raw(name, default)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RequestError(name, f"must be an integer, got {value!r}")
+            raise RequestError(name, f"must be an integer, got {show_value(value)}")
         _check_range(name, value, lo, hi)
         return value
 
-    def float(self, name: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
+    def float(self, name: str, default: float, lo: float, hi: float) -> float:
         value = self.raw(name, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise RequestError(name, f"must be a finite number, got {value!r}")
+            raise RequestError(name, f"must be a finite number, got {show_value(value)}")
         _check_range(name, value, lo, hi)
         return float(value)
 
     def int_list(self, name: str) -> list[int]:
         value = self.raw(name, [])
         if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-            raise RequestError(name, f"must be a list of integers, got {value!r}")
+            raise RequestError(name, f"must be a list of integers, got {show_value(value)}")
+        _check_count(name, value, MAX_LIST_ITEMS)
+        for v in value:
+            _check_range(name, v, 0, MAX_INT)
         return list(value)
 
-    def str_list(self, name: str, allow_str: bool = True) -> list[str]:
+    def str_list(self, name: str, allow_str: bool = True, max_items: int = MAX_STOP_SEQUENCES) -> list[str]:
         value = self.raw(name, [])
         if allow_str and isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
-            raise RequestError(name, f"must be a list of strings, got {value!r}")
+            raise RequestError(name, f"must be a list of strings, got {show_value(value)}")
+        _check_count(name, value, max_items)
+        for i, text in enumerate(value):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON allows lone surrogates ("\ud800"); no tokenizer does
+                raise RequestError(name, f"string {i} is not valid Unicode text ({e.reason} at position "
+                                         f"{e.start}: a lone surrogate escape?)") from None
         return list(value)
 
     def reject_unknown(self) -> None:
         unknown = sorted(set(self.body) - self.read)
         if unknown:
-            raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; check its spelling")
+            name = unknown[0][:100]
+            raise RequestError(name, f"unknown field {show_value(unknown[0])}; check its spelling")
 
 
-def _check_range(name: str, value: float, lo: float | None, hi: float | None) -> None:
-    if lo is not None and value < lo:
-        raise RequestError(name, f"must be >= {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise RequestError(name, f"must be <= {hi}, got {value}")
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if value < lo:
+        raise RequestError(name, f"must be >= {lo}, got {show_value(value)}")
+    if value > hi:
+        raise RequestError(name, f"must be <= {hi}, got {show_value(value)}")
 
 
-def _prompts(f: _Fields, name: str, add_bos: bool) -> list[str]:
+def _check_count(name: str, items: list, most: int) -> None:
+    if len(items) > most:
+        raise RequestError(name, f"holds {len(items)} items; at most {most} are allowed")
+
+
+def _prompts(f: _Fields, name: str, add_bos: bool, limits: ServerLimits) -> list[str]:
+    most = limits.max_prompts
     if not f.has(name):
-        raise RequestError(name, "is required: a string or a list of 1 to 128 strings")
-    prompts = f.str_list(name)
-    if not 1 <= len(prompts) <= MAX_PROMPTS:
-        raise RequestError(name, f"must hold 1 to {MAX_PROMPTS} prompts, got {len(prompts)}")
+        raise RequestError(name, f"is required: a string or a list of 1 to {most} strings")
+    prompts = f.str_list(name, max_items=most)
+    if not prompts:
+        raise RequestError(name, f"must hold 1 to {most} prompts, got none")
     if not add_bos and any(p == "" for p in prompts):
         raise RequestError(name, "an empty prompt needs add_BOS: true (there is no token to start from)")
     return prompts
@@ -180,11 +248,11 @@ def _prompts(f: _Fields, name: str, add_bos: bool) -> list[str]:
 
 def _early_exit(f: _Fields, default_thres: float) -> EarlyExitParams:
     method = f.raw("method", "auto")
-    if method not in EXIT_METHODS:
-        raise RequestError("method", f"must be one of {', '.join(EXIT_METHODS)}, got {method!r}")
+    if not isinstance(method, str) or method not in EXIT_METHODS:
+        raise RequestError("method", f"must be one of {', '.join(EXIT_METHODS)}, got {show_value(method)}")
     exit_layers = f.int_list("exit_layers")
     if any(layer < 1 for layer in exit_layers):
-        raise RequestError("exit_layers", f"layers are numbered from 1, got {exit_layers}")
+        raise RequestError("exit_layers", f"layers are numbered from 1, got {show_value(exit_layers)}")
     decoding = _decoding(f)
     measure, decay = _confidence(f, decoding)
     return EarlyExitParams(
@@ -212,10 +280,10 @@ def _confidence(f: _Fields, decoding: str) -> tuple[str, float | None]:
             if f.has(name):
                 raise RequestError(name, "only applies to decoding 'early_exit' (or use_early_exit: true)")
     measure = f.raw("confidence", "top1")
-    if measure not in MEASURES:
-        raise RequestError("confidence", f"must be one of {', '.join(MEASURES)}, got {measure!r}")
+    if not isinstance(measure, str) or measure not in MEASURES:
+        raise RequestError("confidence", f"must be one of {', '.join(MEASURES)}, got {show_value(measure)}")
     f.read.add("threshold_decay")
-    decay = f.float("threshold_decay", 0.0, lo=0.0) if f.has("threshold_decay") else None
+    decay = f.float("threshold_decay", 0.0, lo=0.0, hi=MAX_THRESHOLD_DECAY) if f.has("threshold_decay") else None
     return measure, decay
 
 
@@ -226,8 +294,8 @@ def _decoding(f: _Fields) -> str:
     decoding = f.raw("decoding", None)
     if decoding is None:
         decoding = "early_exit" if use_ee else "full"
-    elif decoding not in DECODING_MODES:
-        raise RequestError("decoding", f"must be one of {', '.join(DECODING_MODES)}, got {decoding!r}")
+    elif not isinstance(decoding, str) or decoding not in DECODING_MODES:
+        raise RequestError("decoding", f"must be one of {', '.join(DECODING_MODES)}, got {show_value(decoding)}")
     elif use_ee and decoding != "early_exit":
         raise RequestError("use_early_exit", f"contradicts decoding {decoding!r}; drop use_early_exit (decoding "
                                              "'early_exit' replaces it)")
@@ -238,8 +306,12 @@ def _decoding(f: _Fields) -> str:
     return decoding
 
 
-def _apply_temperature(sampling: SamplingParams, temperature: float) -> None:
+def _apply_temperature(f: _Fields, sampling: SamplingParams, default: float, hi: float) -> None:
     """EE-LLM's rule: temperature 0 means greedy (top-k 1, no top-p); sampling then runs at 1.0."""
+    temperature = f.float("temperature", default, lo=0.0, hi=hi)
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise RequestError("temperature", f"must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {temperature}: "
+                                          "smaller ones overflow the scaled logits")
     if temperature == 0.0:
         sampling.greedy, sampling.top_k, sampling.top_p, sampling.temperature = True, 1, 0.0, 1.0
     else:
@@ -248,7 +320,7 @@ def _apply_temperature(sampling: SamplingParams, temperature: float) -> None:
 
 # ------------------------------------------------------------------------------------------- PUT /api
 
-def parse_api_request(body: Any) -> GenerationRequest:
+def parse_api_request(body: Any, limits: ServerLimits = DEFAULT_LIMITS) -> GenerationRequest:
     """EE-LLM's ``PUT /api`` body (reference 8.6) -> :class:`GenerationRequest`, with its bugs fixed."""
     f = _Fields(body, known_extra=("no_log", "token_pieces"))
     for legacy, current in (("max_len", "tokens_to_generate"), ("sentences", "prompts")):
@@ -257,9 +329,9 @@ def parse_api_request(body: Any) -> GenerationRequest:
     f.bool("no_log", False)
     f.bool("token_pieces", False)  # shapes the response (text piece per token), read by the server
     add_bos = f.bool("add_BOS", False)
-    prompts = _prompts(f, "prompts", add_bos)
-    tokens = f.int("tokens_to_generate", 64, lo=0)
-    top_k = f.int("top_k", 0, lo=0, hi=MAX_TOP_K)
+    prompts = _prompts(f, "prompts", add_bos, limits)
+    tokens = f.int("tokens_to_generate", 64)
+    top_k = f.int("top_k", 0, hi=MAX_TOP_K)
     top_p = f.float("top_p", 0.0, lo=0.0, hi=1.0)
     if top_k > 0 and top_p > 0.0:
         raise RequestError("top_p", "cannot be combined with top_k > 0; set one of them to 0")
@@ -267,24 +339,38 @@ def parse_api_request(body: Any) -> GenerationRequest:
         tokens_to_generate=tokens, top_k=top_k, top_p=top_p,
         top_p_decay=_top_p_dependent(f, "top_p_decay", top_p),
         top_p_bound=_top_p_dependent(f, "top_p_bound", top_p),
-        random_seed=f.int("random_seed", 1234, lo=0),
+        random_seed=f.int("random_seed", 1234, hi=MAX_SEED),
         logprobs=f.bool("logprobs", False) or tokens == 0,  # scoring returns the prompt's log-probs
         echo_prompts=f.bool("echo_prompts", False),
         add_BOS=add_bos,
         stop_token_ids=f.int_list("stop_token_ids"),
         stop_sequences=f.str_list("stop_sequences") + _eol_stops(f),
         prevent_newline_after_colon=f.bool("prevent_newline_after_colon", False),
-        beam_width=f.int("beam_width", None, lo=1),
-        length_penalty=f.float("length_penalty", 1.0),
+        beam_width=f.int("beam_width", None, lo=1, hi=limits.max_beam_width),
+        length_penalty=f.float("length_penalty", 1.0, lo=-MAX_LENGTH_PENALTY, hi=MAX_LENGTH_PENALTY),
     )
     if "" in sampling.stop_sequences:
         raise RequestError("stop_sequences", "an empty stop sequence would stop before the first token")
-    if sampling.beam_width is not None and len(prompts) != 1:
-        raise RequestError("beam_width", f"beam search takes exactly one prompt, got {len(prompts)}")
-    _apply_temperature(sampling, f.float("temperature", 0.0, lo=0.0, hi=MAX_TEMPERATURE))
+    _apply_temperature(f, sampling, 0.0, MAX_TEMPERATURE)
     early_exit = _early_exit(f, default_thres=1.0)
+    if sampling.beam_width is not None:
+        _check_beam(sampling, early_exit, len(prompts))
     f.reject_unknown()
     return GenerationRequest(prompts=prompts, sampling=sampling, early_exit=early_exit)
+
+
+def _check_beam(sampling: SamplingParams, early_exit: EarlyExitParams, num_prompts: int) -> None:
+    """Beam search runs one prompt at full depth and generates at least one token; the options it does
+    not apply are refused rather than silently ignored."""
+    if num_prompts != 1:
+        raise RequestError("beam_width", f"beam search takes exactly one prompt, got {num_prompts}")
+    if early_exit.decoding != "full":
+        field_name = "use_early_exit" if early_exit.decoding == "early_exit" else "decoding"
+        raise RequestError(field_name, "beam search runs at full depth; drop beam_width or use decoding 'full'")
+    if sampling.tokens_to_generate == 0:
+        raise RequestError("beam_width", "beam search needs tokens_to_generate >= 1 (0 scores the prompt)")
+    if sampling.prevent_newline_after_colon:
+        raise RequestError("prevent_newline_after_colon", "beam search does not apply it; drop one of the two")
 
 
 def _eol_stops(f: _Fields) -> list[str]:
@@ -307,7 +393,7 @@ def _top_p_dependent(f: _Fields, name: str, top_p: float) -> float:
 
 # ------------------------------------------------------------------------------- POST /v1/completions
 
-def parse_completions_request(body: Any) -> tuple[GenerationRequest, dict]:
+def parse_completions_request(body: Any, limits: ServerLimits = DEFAULT_LIMITS) -> tuple[GenerationRequest, dict]:
     """OpenAI ``POST /v1/completions`` body -> (request, options). ``options`` holds what shapes the
     response rather than the generation: ``model`` (echoed back), ``stream``, ``logprobs`` (the count
     asked for; only the chosen token's log-prob is returned) and ``echo``."""
@@ -315,19 +401,19 @@ def parse_completions_request(body: Any) -> tuple[GenerationRequest, dict]:
     for name, neutral in (("best_of", 1), ("frequency_penalty", 0), ("presence_penalty", 0)):
         if f.raw(name, neutral) != neutral:
             raise RequestError(name, f"is not supported; leave it at {neutral}")
-    prompts = _prompts(f, "prompt", add_bos=False)
+    prompts = _prompts(f, "prompt", add_bos=False, limits=limits)
     n = f.int("n", 1)
     if n != 1:
         raise RequestError("n", f"only n = 1 is supported, got {n}")
     model = f.raw("model", "ee-megatron")
     if not isinstance(model, str):
-        raise RequestError("model", f"must be a string, got {model!r}")
-    logprobs = f.int("logprobs", None, lo=0, hi=5)
+        raise RequestError("model", f"must be a string, got {show_value(model)}")
+    logprobs = f.int("logprobs", None, hi=5)
     echo = f.bool("echo", False)
     sampling = SamplingParams(
-        tokens_to_generate=f.int("max_tokens", 16, lo=0),
+        tokens_to_generate=f.int("max_tokens", 16),
         top_p=f.float("top_p", 1.0, lo=0.0, hi=1.0),
-        random_seed=f.int("seed", None, lo=0),
+        random_seed=f.int("seed", None, hi=MAX_SEED),
         logprobs=logprobs is not None or f.body.get("max_tokens") == 0,
         echo_prompts=echo,
         stop_sequences=f.str_list("stop"),
@@ -336,7 +422,7 @@ def parse_completions_request(body: Any) -> tuple[GenerationRequest, dict]:
         sampling.top_p = 0.0  # OpenAI's 1.0 means "no nucleus truncation", ours is 0
     if "" in sampling.stop_sequences:
         raise RequestError("stop", "an empty stop sequence would stop before the first token")
-    _apply_temperature(sampling, f.float("temperature", 1.0, lo=0.0, hi=2.0))
+    _apply_temperature(f, sampling, 1.0, 2.0)
     early_exit = _early_exit(f, default_thres=1.0)
     options = {"model": model, "stream": f.bool("stream", False), "logprobs": logprobs, "echo": echo}
     f.reject_unknown()

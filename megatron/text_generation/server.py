@@ -5,31 +5,50 @@
 Every rank of the model must call ``generate`` with the same request, so the server does not call the
 model itself: it calls a *generate function* (injected; tests pass a fake one) through a
 :class:`GenerationService`, whose lock serialises requests. On rank 0 of a multi-rank model that
-function is :func:`distributed_generate`, which broadcasts the request to the other ranks (sitting in
-:func:`worker_loop`) before generating; the lock therefore also keeps two requests' collectives from
-interleaving (EE-LLM defined the lock but never took it). :meth:`InferenceServer.stop` broadcasts the
-shutdown message that ends the workers' loops. Response bodies are built in ``server_responses``.
+function is :func:`~.server_ranks.distributed_generate`, which broadcasts the request to the other
+ranks (sitting in :func:`~.server_ranks.worker_loop`) before generating and agrees with them afterwards;
+the lock therefore also keeps two requests' collectives from interleaving (EE-LLM defined the lock but
+never took it). :meth:`InferenceServer.stop` broadcasts the shutdown message that ends the workers'
+loops. When the ranks can no longer agree the service fails for good: ``/health`` says so (503) and the
+server stops, so that the process exits non-zero. Requests are checked before any rank sees them
+(``request``, ``request_checks``); response bodies are built in ``server_responses``.
+
+Limits (:class:`~.request.ServerLimits`, flags of the launcher): the body size (413), one deadline for
+reading a request (408, or the connection is dropped while its headers are incomplete), the number of
+open connections (503 beyond it); a body needs a ``Content-Length`` (411).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
 from megatron.text_generation.request import (
+    DEFAULT_LIMITS,
     SHUTDOWN,
     GenerationRequest,
     GenerationResult,
     RequestError,
+    ServerLimits,
     broadcast_request,
     parse_api_request,
     parse_completions_request,
+    show_value,
+)
+from megatron.text_generation.request_checks import check_request
+from megatron.text_generation.server_ranks import (  # noqa: F401 -- distributed_generate, worker_loop: re-exported
+    GenerateFn,
+    RanksDiverged,
+    distributed_generate,
+    worker_loop,
 )
 from megatron.text_generation.server_responses import (
     Completion,
@@ -40,14 +59,12 @@ from megatron.text_generation.server_responses import (
 )
 
 __all__ = [
-    "GenerateFn", "ModelInfo", "GenerationService", "ServiceClosed", "InferenceServer", "distributed_generate",
-    "worker_loop", "MAX_BODY_BYTES",
+    "GenerateFn", "ModelInfo", "GenerationService", "ServiceClosed", "ServiceFailed", "RanksDiverged",
+    "InferenceServer", "distributed_generate", "worker_loop",
 ]
 
 log = logging.getLogger(__name__)
 
-GenerateFn = Callable[[GenerationRequest], GenerationResult]
-MAX_BODY_BYTES = 16 << 20
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8"}
@@ -55,13 +72,15 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
 
 @dataclass
 class ModelInfo:
-    """What the HTTP layer knows of the model: enough to reject requests that cannot run on it."""
+    """What the HTTP layer knows of the model: enough to reject requests that cannot run on it
+    (``request_checks``)."""
 
     name: str = "ee-megatron"
     num_layers: int | None = None
     exit_layers: list[int] = field(default_factory=list)
     pp: int = 1
     max_positions: int | None = None  # context length: prompt + generated tokens must fit
+    vocab_size: int | None = None  # token ids (stop tokens) must lie below it
     tokenize: Callable[[str], list[int]] | None = None  # counts prompt tokens for OpenAI's ``usage``
     detokenize: Callable[[list[int]], str] | None = None  # streams the text token by token
 
@@ -70,107 +89,92 @@ class ServiceClosed(RuntimeError):
     """A request arrived after :meth:`GenerationService.close`."""
 
 
+class ServiceFailed(RuntimeError):
+    """A request arrived after the ranks stopped agreeing (:class:`RanksDiverged`): the server is exiting."""
+
+
 class GenerationService:
     """Checks requests against the model and runs them one at a time through ``generate_fn``.
 
     ``state``: the rank-0 :class:`ParallelState` of a multi-rank model (``None`` for one process);
-    :meth:`close` then broadcasts :data:`SHUTDOWN` to the ranks in :func:`worker_loop`."""
+    :meth:`close` then broadcasts :data:`SHUTDOWN` to the ranks in :func:`worker_loop`. When
+    ``generate_fn`` raises :class:`RanksDiverged` the service fails for good: :meth:`health` reports it,
+    later requests get :class:`ServiceFailed` and the ``on_failure`` callbacks run (the HTTP server
+    stops, so that the process exits non-zero)."""
 
-    def __init__(self, generate_fn: GenerateFn, info: ModelInfo | None = None, state=None):
+    def __init__(self, generate_fn: GenerateFn, info: ModelInfo | None = None, state=None,
+                 limits: ServerLimits = DEFAULT_LIMITS):
         self.generate_fn = generate_fn
         self.info = info or ModelInfo()
         self.state = state
+        self.limits = limits
         self.requests_served = 0
+        self.requests_failed = 0
+        self.failure: str | None = None
+        self.on_failure: list[Callable[[str], None]] = []
+        self._running_since: float | None = None
         self._lock = threading.Lock()
         self._closed = False
 
     def check(self, request: GenerationRequest) -> None:
         """Model-dependent validation, done on rank 0 before anything is broadcast."""
-        ee, exits = request.early_exit, self.info.exit_layers
-        unknown = sorted(set(ee.exit_layers) - set(exits))
-        if unknown:
-            raise RequestError("exit_layers", f"layers {unknown} have no exit; this model's exits are {exits}")
-        if ee.use_early_exit and not exits:
-            raise RequestError("use_early_exit", "this model has no exits; drop use_early_exit")
-        if ee.method == "pipeline" and self.info.pp == 1:
-            raise RequestError("method", "the pipeline method needs pipeline parallelism (pp > 1); use "
-                                         "'recompute' or 'auto'")
-        if ee.decoding == "speculative":
-            self._check_speculative(request)
-        self._check_length(request)
-
-    def _check_speculative(self, request: GenerationRequest) -> None:
-        exits, layer = self.info.exit_layers, request.early_exit.draft_exit_layer
-        if not exits:
-            raise RequestError("decoding", "this model has no exits to draft with; use decoding 'full'")
-        if layer is not None and layer not in exits:
-            raise RequestError("draft_exit_layer", f"layer {layer} has no exit; this model's exits are {exits}")
-        if layer is not None and self.info.num_layers is not None and layer >= self.info.num_layers:
-            raise RequestError("draft_exit_layer", f"layer {layer} is the full depth: drafting there saves "
-                                                   "nothing; pick an earlier exit")
-        if request.sampling.beam_width is not None:
-            raise RequestError("beam_width", "beam search runs at full depth; use decoding 'full'")
-
-    def _check_length(self, request: GenerationRequest) -> None:
-        """Rejecting an over-long request here matters beyond the message: a rank that fails half-way
-        through a generation leaves the others waiting in a collective."""
-        info, s = self.info, request.sampling
-        if info.max_positions is None or info.tokenize is None:
-            return
-        longest = max(len(info.tokenize(p)) for p in request.prompts) + int(s.add_BOS)
-        if longest + s.tokens_to_generate > info.max_positions:
-            field = "tokens_to_generate" if longest < info.max_positions else "prompts"
-            raise RequestError(field, f"the longest prompt ({longest} tokens) plus tokens_to_generate "
-                                      f"({s.tokens_to_generate}) exceeds the model's {info.max_positions} positions; "
-                                      f"ask for at most {max(info.max_positions - longest, 0)} tokens or shorten it")
+        check_request(request, self.info, self.limits)
 
     def run(self, request: GenerationRequest) -> GenerationResult:
         self.check(request)
         with self._lock:
+            if self.failure is not None:
+                raise ServiceFailed(f"the server failed and is exiting: {self.failure}")
             if self._closed:
                 raise ServiceClosed("the server is shutting down")
-            result = self.generate_fn(request)
+            self._running_since = time.monotonic()
+            try:
+                result = self.generate_fn(request)
+            except RanksDiverged as e:
+                self._fail(str(e))
+                raise
+            except Exception:
+                self.requests_failed += 1
+                raise
+            finally:
+                self._running_since = None
             self.requests_served += 1
             return result
+
+    def _fail(self, reason: str) -> None:
+        log.error("the ranks can no longer agree: %s; the server stops", reason)
+        self.failure, self.requests_failed = reason, self.requests_failed + 1
+        for callback in self.on_failure:
+            callback(reason)
+
+    def health(self) -> tuple[int, dict]:
+        """(HTTP status, body) of ``GET /health``: 200 and ``"ok"``, or 503 and ``"failed"`` with the reason."""
+        running = self._running_since
+        body = {"status": "ok" if self.failure is None else "failed", "model": self.info.name,
+                "num_layers": self.info.num_layers, "exit_layers": self.info.exit_layers,
+                "requests_served": self.requests_served, "requests_failed": self.requests_failed,
+                "busy_s": None if running is None else round(time.monotonic() - running, 3),
+                "limits": asdict(self.limits)}
+        if self.failure is not None:
+            body["reason"] = self.failure
+            return 503, body
+        return 200, body
 
     def close(self, timeout: float = -1) -> None:
         """Refuse further requests, wait for the running one and release the worker ranks (idempotent).
         ``timeout`` (seconds; -1 waits forever): give up waiting for a request that hangs, e.g. after a
-        rank died, so that the process can still exit (the launcher then ends the other ranks)."""
+        rank died, so that the process can still exit (the launcher then ends the other ranks). After a
+        failure the worker ranks cannot be released (they may sit in any collective): exiting ends them."""
         if not self._lock.acquire(timeout=timeout):
             log.error("a request is still running after %ss; exiting without releasing the worker ranks", timeout)
             self._closed = True
             return
         try:
-            if not self._closed and self.state is not None:
+            if not self._closed and self.state is not None and self.failure is None:
                 broadcast_request(SHUTDOWN, self.state)
             self._closed = True
         finally:
             self._lock.release()
-
-
-def distributed_generate(generate_fn: GenerateFn, state) -> GenerateFn:
-    """Rank 0's generate function of a multi-rank model: broadcast the request, then generate with it.
-    Must run under :class:`GenerationService`'s lock (it does, as the service's ``generate_fn``)."""
-    def run(request: GenerationRequest) -> GenerationResult:
-        return generate_fn(broadcast_request(request, state))
-    return run
-
-
-def worker_loop(generate_fn: GenerateFn, state) -> int:
-    """Every rank but global 0: receive each broadcast request and generate with it, until
-    :data:`SHUTDOWN`. Returns the number of requests served. A failing request is logged and the loop
-    goes on: rank 0 raised the same error (same request, same model) and answered it with a 500."""
-    served = 0
-    while True:
-        request = broadcast_request(None, state)
-        if isinstance(request, str) and request == SHUTDOWN:
-            return served
-        try:
-            generate_fn(request)
-        except Exception:  # noqa: BLE001 -- the worker must outlive one bad request, like rank 0
-            log.exception("rank %s: request failed", getattr(state, "rank", "?"))
-        served += 1
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
@@ -181,19 +185,52 @@ class _HTTPError(Exception):
         self.status, self.body = status, body
 
 
+class _DeadlineIO(io.RawIOBase):
+    """The connection's read side with one deadline for the whole request (request line, headers and
+    body): a per-read timeout alone lets a client that sends a byte at a time hold its thread for ever."""
+
+    def __init__(self, sock, seconds: float):
+        self.sock, self.deadline = sock, time.monotonic() + seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the client took too long to send its request")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+_CONTENT_LENGTH = re.compile(r"[0-9]+")
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "_HTTPServer"
     protocol_version = "HTTP/1.0"  # one request per connection: a stream ends when the connection does
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = io.BufferedReader(_DeadlineIO(self.connection, self.server.service.limits.read_timeout_s))
+
     def log_message(self, fmt: str, *args) -> None:
         log.debug("%s %s", self.address_string(), fmt % args)
+
+    def __getattr__(self, name: str):
+        # Any method without a do_* handler (DELETE, PATCH, made-up ones) is 405, not http.server's 501.
+        if name.startswith("do_"):
+            return self._method_not_allowed
+        raise AttributeError(name)
+
+    def _method_not_allowed(self) -> None:
+        self._send_json(405, {"error": f"method {show_value(self.command)} is not supported; use PUT /api, POST "
+                                       "/v1/completions or GET /health"})
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         if path == "/health":
-            svc = self.server.service
-            self._send_json(200, {"status": "ok", "model": svc.info.name, "num_layers": svc.info.num_layers,
-                                  "exit_layers": svc.info.exit_layers, "requests_served": svc.requests_served})
+            self._send_json(*self.server.service.health())
         elif path in ("", "/playground"):
             self._send_static("index.html")
         elif path.startswith("/static/"):
@@ -204,7 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_static(self, name: str) -> None:
         """A file of the playground: only plain names of files in ``STATIC_DIR`` (no paths)."""
         file = STATIC_DIR / name
-        if "/" in name or "\\" in name or file.suffix not in CONTENT_TYPES or not file.is_file():
+        if any(c in name for c in "/\\\0") or file.suffix not in CONTENT_TYPES or not file.is_file():
             self._not_found()
             return
         data = file.read_bytes()
@@ -231,7 +268,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._not_found()
 
     def _not_found(self) -> None:
-        self._send_json(404, {"error": f"no endpoint {self.path}; use PUT /api, POST /v1/completions, "
+        self._send_json(404, {"error": f"no endpoint {show_value(self.path)}; use PUT /api, POST /v1/completions, "
                                        "GET /health or GET / (the playground)"})
 
     def _serve(self, endpoint) -> None:
@@ -241,27 +278,54 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(e.status, e.body)
         except RequestError as e:
             self._send_json(400, {"error": e.reason, "field": e.field})
-        except ServiceClosed as e:
+        except (ServiceClosed, ServiceFailed) as e:
             self._send_json(503, {"error": str(e)})
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("the client of %s left before its answer", self.path)
+        except RanksDiverged as e:
+            self._send_json(500, {"error": f"the ranks of the model can no longer agree ({e}); the server is "
+                                           "exiting so that it can be restarted"})
         except Exception as e:  # noqa: BLE001 -- answer with a reason and keep serving
             log.exception("request to %s failed", self.path)
-            self._send_json(500, {"error": f"internal error: {type(e).__name__}: {e}"})
+            self._send_json(500, {"error": f"internal error: {type(e).__name__}: {str(e)[:500]}"})
 
     def _read_json(self) -> Any:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise _HTTPError(411, {"error": "a Content-Length header is required"}) from None
-        if length > MAX_BODY_BYTES:
-            raise _HTTPError(413, {"error": f"the body is over {MAX_BODY_BYTES} bytes"})
-        raw = self.rfile.read(length)
+        raw = self._read_body()
         try:
             return json.loads(raw)
+        except RecursionError:
+            raise RequestError("body", "the JSON is nested too deeply (no field needs more than two levels)") from None
         except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError("body", f"the body is not valid JSON: {e}") from None
+            raise RequestError("body", f"the body is not valid JSON: {str(e)[:200]}") from None
+
+    def _read_body(self) -> bytes:
+        """The body, sized by exactly one valid ``Content-Length`` no larger than the limit (chunked bodies
+        are refused: 411), read within the request's deadline; a body shorter than announced is a 400."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise _HTTPError(411, {"error": "chunked bodies are not supported; send a Content-Length header",
+                                   "field": "Transfer-Encoding"})
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            raise _HTTPError(411, {"error": "a Content-Length header is required", "field": "Content-Length"})
+        if len(set(values)) > 1 or not _CONTENT_LENGTH.fullmatch(values[0].strip()):
+            raise RequestError("Content-Length", f"must be one non-negative integer, got {show_value(values)}")
+        digits, most = values[0].strip().lstrip("0") or "0", self.server.service.limits.max_body_bytes
+        if len(digits) > len(str(most)) or int(digits) > most:  # the length test first: int() refuses 4,300 digits
+            raise _HTTPError(413, {"error": f"the body ({digits[:40]} bytes) is over the server's "
+                                            f"--max-body-bytes {most}", "field": "Content-Length"})
+        length = int(digits)
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            raise _HTTPError(408, {"error": "the client took too long to send the body", "field": "body"}) from None
+        if len(raw) < length:
+            raise RequestError("Content-Length", f"announces {length} bytes but the body ended after {len(raw)}")
+        # the reply may take as long as the request could (the deadline above covers reading only)
+        self.connection.settimeout(self.server.service.limits.read_timeout_s)
+        return raw
 
     def _api(self, body: Any) -> None:
-        request = parse_api_request(body)
+        request = parse_api_request(body, self.server.service.limits)
         start = time.perf_counter()
         result = self.server.service.run(request)
         elapsed = time.perf_counter() - start
@@ -282,7 +346,7 @@ class _Handler(BaseHTTPRequestHandler):
                 for i, ids in enumerate(result.tokens)]
 
     def _completions(self, body: Any) -> None:
-        request, options = parse_completions_request(body)
+        request, options = parse_completions_request(body, self.server.service.limits)
         result = self.server.service.run(request)
         info = self.server.service.info
         prompt_tokens = sum(len(info.tokenize(p)) for p in request.prompts) if info.tokenize is not None else 0
@@ -310,24 +374,67 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _HTTPServer(ThreadingHTTPServer):
+    """One thread per connection, at most ``limits.max_connections`` of them: a connection beyond that is
+    answered 503 at once (it would otherwise be a thread, or wait unseen in the listen backlog)."""
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64
 
     def __init__(self, address, service: GenerationService):
         self.service = service
+        self._slots = threading.BoundedSemaphore(service.limits.max_connections)
         super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread started to release it
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request) -> None:
+        body = json.dumps({"error": f"the server is at its --max-connections {self.service.limits.max_connections}; "
+                                    "retry later"}).encode()
+        try:
+            request.settimeout(1.0)
+            request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1"
+                            b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        except OSError:
+            pass  # the client is gone or not reading: nothing more to tell it
+        finally:
+            self.shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        # a client that disconnects mid-answer is not a server error worth a traceback on stderr
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
 
 
 class InferenceServer:
     """The HTTP front of a :class:`GenerationService` (global rank 0 only). ``port=0`` picks a free port.
 
     Either :meth:`serve_forever` in the calling thread (Ctrl-C / SIGTERM ends it) or :meth:`start` a
-    background thread and :meth:`stop` it; both end by closing the service (releasing worker ranks)."""
+    background thread and :meth:`stop` it; both end by closing the service (releasing worker ranks).
+    When the service fails (the ranks can no longer agree), the server keeps answering for
+    ``failure_grace_s`` (``/health``: 503 ``"failed"`` with the reason, requests: 503), then stops:
+    :meth:`serve_forever` returns 1, so that the process exits non-zero and a supervisor restarts it."""
 
-    def __init__(self, service: GenerationService, host: str = "127.0.0.1", port: int = 5000):
+    def __init__(self, service: GenerationService, host: str = "127.0.0.1", port: int = 5000,
+                 failure_grace_s: float = 2.0):
         self.service = service
         self.httpd = _HTTPServer((host, port), service)
+        self.failure_grace_s = failure_grace_s
         self._thread: threading.Thread | None = None
+        service.on_failure.append(self._stop_later)
 
     @property
     def port(self) -> int:
@@ -338,7 +445,20 @@ class InferenceServer:
         host = self.httpd.server_address[0]
         return f"http://{host}:{self.port}"
 
-    def serve_forever(self, close_timeout: float = 10.0) -> None:
+    @property
+    def exit_code(self) -> int:
+        """0, or 1 once the service failed."""
+        return 0 if self.service.failure is None else 1
+
+    def _stop_later(self, reason: str) -> None:
+        def stop() -> None:
+            time.sleep(self.failure_grace_s)
+            log.error("stopping the server: %s", reason)
+            self.httpd.shutdown()
+        threading.Thread(target=stop, name="inference-http-stop", daemon=True).start()
+
+    def serve_forever(self, close_timeout: float = 10.0) -> int:
+        """Serve until interrupted (-> 0) or until the service fails (-> 1)."""
         log.info("serving on %s (PUT /api, POST /v1/completions, GET /health)", self.url)
         try:
             self.httpd.serve_forever()
@@ -347,6 +467,7 @@ class InferenceServer:
         finally:
             self.httpd.server_close()
             self.service.close(close_timeout)
+        return self.exit_code
 
     def start(self) -> "InferenceServer":
         # A short poll keeps stop() quick (shutdown waits for the serving loop's next poll).
@@ -355,10 +476,10 @@ class InferenceServer:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, close_timeout: float = -1) -> None:
         if self._thread is not None:
             self.httpd.shutdown()
             self._thread.join()
             self._thread = None
         self.httpd.server_close()
-        self.service.close()
+        self.service.close(close_timeout)

@@ -19,20 +19,15 @@ from megatron.arguments import parse_args, validate_args
 from megatron.config import ConfigError
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.model import EarlyExitGPTModel
-from megatron.text_generation.request import GenerationRequest, GenerationResult
-from megatron.text_generation.server import (
-    GenerationService,
-    InferenceServer,
-    ModelInfo,
-    distributed_generate,
-    worker_loop,
-)
+from megatron.text_generation.request import DEFAULT_LIMITS, GenerationRequest, GenerationResult, ServerLimits
+from megatron.text_generation.server import GenerationService, InferenceServer, ModelInfo
+from megatron.text_generation.server_ranks import RanksDiverged, distributed_generate, worker_loop
 from megatron.tokenizer.build import build_tokenizer_from_args
 from megatron.training.checkpoint import load_args_from_checkpoint, load_checkpoint
 from megatron.training.config import RunConfig, configs_from_args
 
-__all__ = ["add_server_args", "server_args", "check_weights_source", "build_model_chunks", "load_weights",
-           "make_service", "serve", "build", "model_info"]
+__all__ = ["add_server_args", "server_args", "server_limits", "check_weights_source", "build_model_chunks",
+           "load_weights", "make_service", "serve", "build", "model_info"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +41,40 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Serve a randomly initialised model when no --load is given (tests and demos only).")
     g.add_argument("--model-name", default=None, help="Name reported by /health and /v1/completions "
                                                       "(default: the --load directory's name).")
+    d = DEFAULT_LIMITS
+    for flag, kind, default, what in (
+        ("--max-body-bytes", int, d.max_body_bytes, "Largest request body; a larger one gets HTTP 413."),
+        ("--max-prompts", int, d.max_prompts, "Most prompts in one request."),
+        ("--max-beam-width", int, d.max_beam_width, "Widest beam search (also never wider than the vocabulary)."),
+        ("--max-batch-tokens", int, d.max_batch_tokens,
+         "Most rows (prompts, or beams) x (longest prompt + tokens to generate) of one request: its KV cache."),
+        ("--max-connections", int, d.max_connections, "Most open HTTP connections; more get HTTP 503."),
+        ("--read-timeout", float, d.read_timeout_s,
+         "Seconds a client may take to send a whole request (headers and body); then HTTP 408 or a dropped "
+         "connection."),
+        ("--rank-sync-timeout", float, d.sync_timeout_s,
+         "Seconds every rank may take to confirm the end of a request after the first one; past it the ranks "
+         "cannot agree, /health reports the failure and the server exits with status 1."),
+    ):
+        g.add_argument(flag, type=_positive(kind), default=default, help=f"{what} Default {default}.")
     return parser
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def server_limits(args: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(max_body_bytes=args.max_body_bytes, max_prompts=args.max_prompts,
+                        max_beam_width=args.max_beam_width, max_batch_tokens=args.max_batch_tokens,
+                        max_connections=args.max_connections, read_timeout_s=args.read_timeout,
+                        sync_timeout_s=args.rank_sync_timeout)
 
 
 def check_weights_source(args: argparse.Namespace) -> None:
@@ -115,25 +143,32 @@ def build(args: argparse.Namespace):
 
 
 def make_service(generate_fn: Callable[[GenerationRequest], GenerationResult], state: ParallelState,
-                 info: ModelInfo) -> GenerationService:
+                 info: ModelInfo, limits: ServerLimits = DEFAULT_LIMITS) -> GenerationService:
     """Rank 0's service: with more than one rank, requests are broadcast before generating."""
     if state.dims.world_size > 1:
-        return GenerationService(distributed_generate(generate_fn, state), info, state=state)
-    return GenerationService(generate_fn, info)
+        return GenerationService(distributed_generate(generate_fn, state, limits.sync_timeout_s), info, state=state,
+                                 limits=limits)
+    return GenerationService(generate_fn, info, limits=limits)
 
 
 def serve(generate_fn: Callable[[GenerationRequest], GenerationResult], state: ParallelState, info: ModelInfo,
-          host: str, port: int) -> None:
-    """Global rank 0 serves HTTP until interrupted; every other rank follows its broadcasts."""
+          host: str, port: int, limits: ServerLimits = DEFAULT_LIMITS) -> int:
+    """Global rank 0 serves HTTP until interrupted; every other rank follows its broadcasts. Returns the
+    process's exit status: 0, or 1 when the ranks could no longer agree (a supervisor should restart)."""
     if state.rank == 0:
-        InferenceServer(make_service(generate_fn, state, info), host, port).serve_forever()
-    else:
-        served = worker_loop(generate_fn, state)
-        log.info("rank %d: shut down after %d request(s)", state.rank, served)
+        return InferenceServer(make_service(generate_fn, state, info, limits), host, port).serve_forever()
+    try:
+        served = worker_loop(generate_fn, state, limits.sync_timeout_s)
+    except RanksDiverged as e:
+        log.error("rank %d: %s; exiting", state.rank, e)
+        return 1
+    log.info("rank %d: shut down after %d request(s)", state.rank, served)
+    return 0
 
 
 def model_info(args: argparse.Namespace, run: RunConfig, tokenizer=None) -> ModelInfo:
     name = args.model_name or (os.path.basename(os.path.normpath(args.load)) if args.load else "random-weights")
     return ModelInfo(name=name, num_layers=run.model.num_layers, exit_layers=list(run.early_exit.exit_layer_nums),
-                     pp=run.parallel.pp, max_positions=run.model.max_positions, tokenize=tokenizer.tokenize if tokenizer is not None else None,
+                     pp=run.parallel.pp, max_positions=run.model.max_positions, vocab_size=run.model.vocab_size,
+                     tokenize=tokenizer.tokenize if tokenizer is not None else None,
                      detokenize=tokenizer.detokenize if tokenizer is not None else None)

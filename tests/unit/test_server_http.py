@@ -1,7 +1,10 @@
 """Real HTTP against a running InferenceServer whose generate function is a fake (no model): PUT /api,
-OpenAI completions (streaming too), health, 400/404/500 answers, and concurrent requests serialised."""
+OpenAI completions (streaming too), health, 400/404/500 answers, and concurrent requests serialised;
+the limits (body size, read deadline, connections), bad headers over raw sockets, and a failed service
+(ranks that cannot agree) reported by /health and ending the server with exit status 1."""
 
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -10,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from megatron.text_generation.request import GenerationResult, parse_api_request
-from megatron.text_generation.server import GenerationService, InferenceServer, ModelInfo, ServiceClosed
+from megatron.testing.server_fuzz import Case, exchange
+from megatron.text_generation.request import GenerationResult, ServerLimits, parse_api_request
+from megatron.text_generation.server import GenerationService, InferenceServer, ModelInfo, RanksDiverged, ServiceClosed
 
 
 class FakeGenerate:
@@ -178,14 +182,20 @@ def test_stopped_service_answers_503():
         srv.stop()
 
 
-def test_close_gives_up_on_a_hung_request():
+def _held():
+    """A generate function that blocks until released, and the (release, entered) events driving it."""
     release, entered = threading.Event(), threading.Event()
 
-    def hang(request):
+    def hold(request):
         entered.set()
         release.wait(10)
         return FakeGenerate._result(request)
 
+    return hold, release, entered
+
+
+def test_close_gives_up_on_a_hung_request():
+    hang, release, entered = _held()
     service = GenerationService(hang)
     worker = threading.Thread(target=service.run, args=(parse_api_request({"prompts": "a"}),))
     worker.start()
@@ -197,3 +207,139 @@ def test_close_gives_up_on_a_hung_request():
     worker.join()
     with pytest.raises(ServiceClosed):
         service.run(parse_api_request({"prompts": "a"}))
+
+
+# ------------------------------------------------------------------------------ limits, bad headers, health
+
+def _raw(url, method, path, headers, body=b"", close_write=True, timeout=10.0):
+    status, payload = exchange(url, Case("test", method, path, headers, body, close_write), timeout)
+    return status, (json.loads(payload) if payload.startswith(b"{") else payload)
+
+
+@pytest.mark.parametrize("headers, body, status, field", [
+    ([("Content-Length", "-5")], b'{"prompts": "a"}', 400, "Content-Length"),
+    ([("Content-Length", "abc")], b'{"prompts": "a"}', 400, "Content-Length"),
+    ([("Content-Length", "+16")], b'{"prompts": "a"}', 400, "Content-Length"),
+    ([("Content-Length", "16"), ("Content-Length", "17")], b'{"prompts": "a"}', 400, "Content-Length"),
+    ([("Content-Length", "500")], b'{"prompts": "a"}', 400, "Content-Length"),  # the body ended early
+    ([], b'{"prompts": "a"}', 411, "Content-Length"),
+    ([("Transfer-Encoding", "chunked")], b'10\r\n{"prompts": "a"}\r\n0\r\n\r\n', 411, "Transfer-Encoding"),
+    ([("Content-Length", str(10**30))], b"", 413, "Content-Length"),
+    ([("Content-Length", "0" * 5000 + "3000")], b"[" * 3000, 413, "Content-Length"),
+    ([("Content-Length", "3000")], b"[" * 3000, 413, "Content-Length"),  # over the fixture's 2,048 bytes
+    ([("Content-Length", "2000")], b"[" * 1000 + b"]" * 1000, 400, "body"),  # RecursionError in json
+])
+def test_bad_headers_and_bodies_are_client_errors(limited, headers, body, status, field):
+    got, out = _raw(limited.url, "PUT", "/api", headers, body)
+    assert got == status and out["field"] == field and out["error"], out
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PATCH", "OPTIONS", "BREW"])
+def test_unsupported_methods_are_405(limited, method):
+    assert _raw(limited.url, method, "/api", [("Content-Length", "0")])[0] == 405
+
+
+def test_tokenizer_refusals_and_empty_prompts_are_400(limited):
+    for prompt, reason in (("1 x 2", "tokenizer rejects"), ("   ", "no tokens"), ("1" * 1200, "tokenizer rejects")):
+        status, text = call(limited, "PUT", "/api", {"prompts": [prompt], "tokens_to_generate": 1})
+        out = json.loads(text)
+        assert status == 400 and out["field"] == "prompts" and reason in out["error"], out
+    status, text = call(limited, "PUT", "/api", raw=b'{"prompts": ["\\ud800"]}')
+    assert status == 400 and json.loads(text)["field"] == "prompts"
+    assert call(limited, "PUT", "/api", {"prompts": ["1 2"], "tokens_to_generate": 1})[0] == 200
+
+
+def test_a_slow_client_is_cut_off_at_the_read_deadline(limited):
+    """The fixture allows 0.5 s per request: a client that sends less than it announced gets 408; one
+    that never finishes its headers, even sending a byte at a time, is disconnected (it would otherwise
+    hold a thread as long as it likes)."""
+    status, out = _raw(limited.url, "PUT", "/api", [("Content-Length", "100")], b'{"prompts"', close_write=False)
+    assert status == 408 and out["field"] == "body"
+    host, port = limited.httpd.server_address
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"PUT /api HTTP/1.1\r\n")
+        assert sock.recv(100) == b""  # closed by the server, long before the client's 10 s
+    with socket.create_connection((host, port), timeout=10) as sock:
+        with pytest.raises(OSError):  # reset or broken pipe once the server dropped the connection
+            for _ in range(100):  # 10 s of a byte every 0.1 s
+                sock.sendall(b"X")
+                time.sleep(0.1)
+                if sock.recv(100, socket.MSG_DONTWAIT) == b"":
+                    raise ConnectionResetError("closed by the server")
+    assert call(limited, "GET", "/health")[0] == 200
+
+
+def test_connections_beyond_the_limit_get_503(limited):
+    host, port = limited.httpd.server_address
+    idle = [socket.create_connection((host, port), timeout=10) for _ in range(3)]  # the fixture's limit is 3
+    try:
+        time.sleep(0.1)  # let the server accept them
+        status, _ = _raw(limited.url, "GET", "/health", [])
+        assert status == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    for _ in range(50):  # the idle connections' threads end as their sockets close
+        if call(limited, "GET", "/health")[0] == 200:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the server never freed the closed connections' slots")
+
+
+@pytest.fixture
+def limited():
+    def strict(text):
+        ids = [int(word) for word in text.split()]  # ValueError on non-integer words
+        if any(i >= 50 for i in ids):
+            raise ValueError(f"ids must be below 50, got {ids}")
+        return ids
+
+    info = ModelInfo(name="strict", num_layers=4, exit_layers=[2], tokenize=strict, vocab_size=50, max_positions=64)
+    limits = ServerLimits(max_body_bytes=2048, max_connections=3, read_timeout_s=0.5)
+    srv = InferenceServer(GenerationService(FakeGenerate(), info, limits=limits), port=0).start()
+    yield srv
+    srv.stop()
+
+
+def test_ranks_that_cannot_agree_fail_the_server_for_good():
+    """RanksDiverged from the generate function: 500 with the reason, /health 503 "failed", later requests
+    503, and after the grace period the server stops with exit status 1 (a supervisor restarts it)."""
+    def diverge(request):
+        if request.prompts == ["diverge"]:
+            raise RanksDiverged("rank 1 did not finish the request")
+        return FakeGenerate._result(request)
+
+    srv = InferenceServer(GenerationService(diverge), port=0, failure_grace_s=0.5)
+    codes = []
+    loop = threading.Thread(target=lambda: codes.append(srv.serve_forever(close_timeout=1.0)))
+    loop.start()
+    try:
+        assert call(srv, "PUT", "/api", {"prompts": "ok", "tokens_to_generate": 1})[0] == 200
+        status, text = call(srv, "PUT", "/api", {"prompts": "diverge"})
+        assert status == 500 and "can no longer agree" in json.loads(text)["error"]
+        status, text = call(srv, "GET", "/health")
+        out = json.loads(text)
+        assert status == 503 and out["status"] == "failed" and "rank 1" in out["reason"]
+        assert out["requests_served"] == 1 and out["requests_failed"] == 1
+        assert call(srv, "PUT", "/api", {"prompts": "ok", "tokens_to_generate": 1})[0] == 503
+    finally:
+        loop.join(timeout=30)
+    assert codes == [1]
+
+
+def test_health_reports_a_running_request():
+    slow, release, entered = _held()
+    srv = InferenceServer(GenerationService(slow), port=0).start()
+    try:
+        worker = threading.Thread(target=call, args=(srv, "PUT", "/api", {"prompts": "a", "tokens_to_generate": 1}))
+        worker.start()
+        entered.wait(10)
+        out = json.loads(call(srv, "GET", "/health")[1])
+        assert out["status"] == "ok" and out["busy_s"] is not None and out["limits"]["max_connections"] == 64
+        release.set()
+        worker.join()
+        assert json.loads(call(srv, "GET", "/health")[1])["busy_s"] is None
+    finally:
+        release.set()
+        srv.stop()

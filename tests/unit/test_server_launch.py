@@ -1,12 +1,14 @@
 """Start-up of the text-generation server: the weights-source rule (no silent random weights), the
-one-replica world, and a checkpoint loaded through --load --use-checkpoint-args (model shape from it)."""
+one-replica world, a checkpoint loaded through --load --use-checkpoint-args (model shape from it), and
+the limit flags (ServerLimits)."""
 
 import pytest
 import torch
 
 from megatron.config import ConfigError
 from megatron.core.parallel_state import ParallelState
-from megatron.text_generation.server_launch import build, model_info, server_args
+from megatron.text_generation.request import ServerLimits
+from megatron.text_generation.server_launch import build, model_info, server_args, server_limits
 from megatron.training.checkpoint import save_checkpoint
 
 SHAPE = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
@@ -37,6 +39,7 @@ def test_random_weights_build():
     assert len(chunks) == 1 and not chunks[0].training and not args.sequence_parallel
     info = model_info(args, run)
     assert (info.name, info.num_layers, info.exit_layers, info.pp) == ("random-weights", 4, [2], 1)
+    assert info.vocab_size == tokenizer.vocab_size == 61  # NullTokenizer: ids 0..59 and eod 60
 
 
 def test_checkpoint_loaded_with_its_args(tmp_path):
@@ -54,3 +57,17 @@ def test_checkpoint_loaded_with_its_args(tmp_path):
     for key, value in loaded.state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
     assert model_info(args, run).name == tmp_path.name
+
+
+def test_limit_flags(capsys):
+    args = server_args(SHAPE + TOKENIZER + ["--random-weights", "--max-body-bytes", "1000", "--max-prompts", "4",
+                                            "--max-beam-width", "3", "--max-batch-tokens", "99",
+                                            "--max-connections", "5", "--read-timeout", "2.5",
+                                            "--rank-sync-timeout", "7"])
+    assert server_limits(args) == ServerLimits(max_body_bytes=1000, max_prompts=4, max_beam_width=3, max_batch_tokens=99,
+                                               max_connections=5, read_timeout_s=2.5, sync_timeout_s=7.0)
+    assert server_limits(server_args(SHAPE + TOKENIZER + ["--random-weights"])) == ServerLimits()
+    for flag, value in (("--max-beam-width", "0"), ("--read-timeout", "-1"), ("--max-connections", "many")):
+        with pytest.raises(SystemExit):
+            server_args(SHAPE + TOKENIZER + ["--random-weights", flag, value])
+        assert flag in capsys.readouterr().err

@@ -7,9 +7,11 @@ from megatron.text_generation.request import (
     GenerationRequest,
     RequestError,
     SamplingParams,
+    ServerLimits,
     broadcast_request,
     parse_api_request,
     parse_completions_request,
+    show_value,
 )
 
 
@@ -92,6 +94,29 @@ def test_sampling_fields():
     ({"prompts": "a", "use_early_exit": True, "threshold_decay": "fast"}, "threshold_decay"),
     ({"prompts": "a", "confidence": "margin"}, "confidence"),  # full depth: nothing would use it
     ({"prompts": "a", "decoding": "speculative", "threshold_decay": 2}, "threshold_decay"),
+    # issue 15: values that used to pass and then fail inside generation (on one rank of a pipeline)
+    ({"prompts": "a", "stop_token_ids": [100000000000000000000]}, "stop_token_ids"),  # OverflowError
+    ({"prompts": "a", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"prompts": "a", "stop_token_ids": list(range(1025))}, "stop_token_ids"),
+    ({"prompts": "a", "beam_width": 10**30}, "beam_width"),
+    ({"prompts": "a", "beam_width": 17}, "beam_width"),  # over the default --max-beam-width
+    ({"prompts": "a", "beam_width": 3, "length_penalty": -1e308}, "length_penalty"),  # ZeroDivisionError
+    ({"prompts": "a", "temperature": 5e-324}, "temperature"),  # NaN probabilities
+    ({"prompts": "a", "random_seed": 2**64}, "random_seed"),
+    ({"prompts": "a", "beam_width": 2, "use_early_exit": True}, "use_early_exit"),
+    ({"prompts": "a", "beam_width": 2, "decoding": "speculative"}, "decoding"),
+    ({"prompts": "a", "beam_width": 2, "prevent_newline_after_colon": True}, "prevent_newline_after_colon"),
+    ({"prompts": "a", "beam_width": 2, "tokens_to_generate": 0}, "beam_width"),
+    ({"prompts": "a", "tokens_to_generate": 2**31}, "tokens_to_generate"),
+    ({"prompts": "a", "recompute_cap": 10**20, "use_early_exit": True}, "recompute_cap"),
+    ({"prompts": "a", "use_early_exit": True, "threshold_decay": 1e300}, "threshold_decay"),
+    ({"prompts": "a", "exit_layers": [10**30]}, "exit_layers"),
+    ({"prompts": ["\ud800"]}, "prompts"),  # a lone surrogate: no tokenizer can encode it
+    ({"prompts": "a", "stop_sequences": ["x\udfff"]}, "stop_sequences"),
+    ({"prompts": "a", "stop_sequences": ["s"] * 65}, "stop_sequences"),
+    ({"prompts": "a", "method": ["recompute"]}, "method"),
+    ({"prompts": "a", "decoding": {"x": 1}}, "decoding"),
+    ({"prompts": "a", "x" * 10_000: 1}, "x" * 100),
 ])
 def test_api_invalid_field_names_the_field(body, field):
     with pytest.raises(RequestError) as err:
@@ -114,6 +139,9 @@ def test_completions_request():
 
 
 @pytest.mark.parametrize("body, field", [
+    ({"prompt": "a", "seed": 2**64}, "seed"),
+    ({"prompt": "a", "temperature": 1e-9}, "temperature"),
+    ({"prompt": "a", "max_tokens": 10**12}, "max_tokens"),
     ({"prompt": "a", "n": 2}, "n"),
     ({"prompt": "a", "best_of": 3}, "best_of"),
     ({"prompt": "a", "stream": "yes"}, "stream"),
@@ -145,6 +173,38 @@ def test_confidence_measure_and_threshold_decay():
                                         "confidence": "entropy", "threshold_decay": 0.5})
     assert (req.early_exit.confidence, req.early_exit.threshold_decay, req.early_exit.early_exit_thres) == \
         ("entropy", 0.5, 0.4)
+
+
+def test_bounds_accept_their_extremes():
+    req = parse_api_request({"prompts": "a", "random_seed": 2**64 - 1, "temperature": 1e-4, "beam_width": 16,
+                             "length_penalty": -10, "tokens_to_generate": 3, "stop_token_ids": [0, 2**31 - 1]})
+    s = req.sampling
+    assert (s.random_seed, s.temperature, s.beam_width, s.length_penalty) == (2**64 - 1, 1e-4, 16, -10.0)
+    wide = ServerLimits(max_beam_width=64, max_prompts=200)
+    assert parse_api_request({"prompts": "a", "beam_width": 64}, wide).sampling.beam_width == 64
+    assert len(parse_api_request({"prompts": ["a"] * 200}, wide).prompts) == 200
+    with pytest.raises(RequestError, match="at most 2"):
+        parse_completions_request({"prompt": ["a"] * 3}, ServerLimits(max_prompts=2))
+
+
+def test_error_messages_abbreviate_the_clients_values():
+    deep = [1]
+    for _ in range(5000):  # a plain repr of this raises RecursionError
+        deep = [deep]
+    with pytest.raises(RequestError) as err:
+        parse_api_request({"prompts": "a", "stop_token_ids": deep})
+    assert err.value.field == "stop_token_ids" and len(err.value.reason) < 200
+    with pytest.raises(RequestError) as err:
+        parse_api_request({"prompts": "a", "top_k": "k" * 100_000})
+    assert len(err.value.reason) < 200
+    assert show_value(10**1000).count("0") < 60
+
+
+def test_server_limits_must_be_positive():
+    with pytest.raises(ValueError, match="max_beam_width"):
+        ServerLimits(max_beam_width=0)
+    with pytest.raises(ValueError, match="read_timeout_s"):
+        ServerLimits(read_timeout_s=float("nan"))
 
 
 def test_broadcast_is_identity_in_one_process():
