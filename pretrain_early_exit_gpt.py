@@ -20,8 +20,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron.arguments import parse_args  # noqa: E402
+from megatron.checkpoint import CheckpointError  # noqa: E402
 from megatron.config import ConfigError  # noqa: E402
-from megatron.training.checkpoint import CheckpointError  # noqa: E402
 from megatron.training.logging_utils import configure_logging  # noqa: E402
 from megatron.training.setup import world_from_env  # noqa: E402
 from megatron.training.training import pretrain  # noqa: E402

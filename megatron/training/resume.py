@@ -17,9 +17,9 @@ import logging
 import os
 import shutil
 
-from megatron.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from megatron.training.checkpoint.layout import rank_dir
-from megatron.training.checkpoint.load import resolve_iteration
+from megatron.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from megatron.checkpoint.layout import rank_dir
+from megatron.checkpoint.load import resolve_iteration
 from megatron.training.setup import TrainingRun
 
 __all__ = ["load_run", "save_run", "copy_unbuilt_stages"]

@@ -15,7 +15,7 @@ from megatron.core.distributed.grad_buffer import GradBuffers
 from megatron.core.parallel_state import ParallelDims, ParallelState
 from megatron.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.testing.distributed import DistributedTestError, run_distributed
-from megatron.training.checkpoint import checkpoint_file, load_checkpoint, read_tracker, save_checkpoint
+from megatron.checkpoint import checkpoint_file, load_checkpoint, read_tracker, save_checkpoint
 from megatron.training.signal_handler import DistributedSignalHandler
 
 

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import torch
 
-from megatron.training.checkpoint.layout import checkpoint_file, read_file
+from megatron.checkpoint.layout import checkpoint_file, read_file
 from megatron.testing.distributed import run_distributed
 from pretrain_early_exit_gpt import main
 from test_training_parity import run_main

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from megatron.training.checkpoint import checkpoint_file, read_tracker
+from megatron.checkpoint import checkpoint_file, read_tracker
 from megatron.testing.distributed import DistributedTestError
 from test_training_parity import run_main, tiny_argv
 

@@ -14,8 +14,8 @@ from megatron.core.parallel_state import ParallelState
 from megatron.model.early_exit_gpt_model import EarlyExitGPTModel
 from megatron.model.partition import partition
 from megatron.model.state_dict_sharding import full_state_dict_specs, shard_state_dict
-from megatron.training.checkpoint import CheckpointError, load_checkpoint
-from megatron.training.checkpoint.layout import checkpoint_file, read_file
+from megatron.checkpoint import CheckpointError, load_checkpoint
+from megatron.checkpoint.layout import checkpoint_file, read_file
 from tools.checkpoint import util
 from tools.checkpoint.cli import run_cli, save_megatron
 from tools.checkpoint.megatron_io import Layout, ModelCheckpoint, read_megatron

@@ -8,9 +8,9 @@ import logging
 import os
 import sys
 
+from megatron.checkpoint.layout import CheckpointError
 from megatron.config import ConfigError
 from megatron.model.state_dict_sharding import StateDictError
-from megatron.training.checkpoint.layout import CheckpointError
 
 from .megatron_io import Layout, ModelCheckpoint, build_args, update_args, write_megatron
 

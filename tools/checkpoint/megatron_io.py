@@ -21,25 +21,24 @@ from typing import Mapping
 
 import torch
 
-from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
-from megatron.model.partition import Partition, partition
-from megatron.model.state_dict_sharding import merge_state_dicts, shard_state_dict
-from megatron.training.checkpoint.layout import (
+from megatron.checkpoint.foreign_pickle import ForeignObject
+from megatron.checkpoint.layout import (
     TRACKER_FILE,
     CheckpointError,
     atomic_save,
     checkpoint_file,
     iteration_dir,
     list_iterations,
+    read_file,
     read_tracker,
     saved_mp_ranks,
     write_tracker,
 )
-from megatron.training.checkpoint.load import resolve_iteration
-from megatron.training.checkpoint.save import CHECKPOINT_VERSION, model_keys
-
-from megatron.training.checkpoint.foreign_pickle import ForeignObject
-from megatron.training.checkpoint.layout import read_file
+from megatron.checkpoint.load import resolve_iteration
+from megatron.checkpoint.save import CHECKPOINT_VERSION, model_keys
+from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
+from megatron.model.partition import Partition, partition
+from megatron.model.state_dict_sharding import merge_state_dicts, shard_state_dict
 
 __all__ = [
     "Layout", "ModelCheckpoint", "configs_from_checkpoint_args", "layout_from_args", "build_args",

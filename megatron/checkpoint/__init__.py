@@ -4,9 +4,9 @@
 (distributed-optimizer shards), ``save`` and ``load``. Import the public API from here.
 """
 
-from megatron.training.checkpoint.layout import CheckpointError, checkpoint_file, read_tracker
-from megatron.training.checkpoint.load import load_args_from_checkpoint, load_checkpoint
-from megatron.training.checkpoint.save import CHECKPOINT_VERSION, save_checkpoint
+from megatron.checkpoint.layout import CheckpointError, checkpoint_file, read_tracker
+from megatron.checkpoint.load import load_args_from_checkpoint, load_checkpoint
+from megatron.checkpoint.save import CHECKPOINT_VERSION, save_checkpoint
 
 __all__ = [
     "CheckpointError", "CHECKPOINT_VERSION", "checkpoint_file", "read_tracker", "save_checkpoint",

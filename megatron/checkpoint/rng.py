@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.training.checkpoint.layout import CheckpointError
+from megatron.checkpoint.layout import CheckpointError
 
 __all__ = ["capture_rng_states", "gather_rng_states", "restore_rng_states"]
 

@@ -13,8 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron.core.parallel_state import ParallelState
-from megatron.training.checkpoint.layout import (
+from megatron.checkpoint.layout import (
     DISTRIB_OPTIM_FILE,
     CheckpointError,
     checkpoint_file,
@@ -24,15 +23,16 @@ from megatron.training.checkpoint.layout import (
     read_tracker,
     saved_mp_ranks,
 )
-from megatron.training.checkpoint.optim_shards import reshard
-from megatron.training.checkpoint.rng import restore_rng_states
-from megatron.training.checkpoint.save import (
+from megatron.checkpoint.optim_shards import reshard
+from megatron.checkpoint.rng import restore_rng_states
+from megatron.checkpoint.save import (
     CHECKPOINT_VERSION,
     barrier,
     model_keys,
     resolve_full_pp,
     uses_distributed_optimizer,
 )
+from megatron.core.parallel_state import ParallelState
 
 __all__ = ["load_checkpoint", "load_args_from_checkpoint", "resolve_iteration", "RESTORED_ARGS"]
 

@@ -20,15 +20,15 @@ import logging
 
 import torch.distributed as dist
 
-from megatron.core.parallel_state import ParallelState
-from megatron.training.checkpoint.layout import (
+from megatron.checkpoint.layout import (
     DISTRIB_OPTIM_FILE,
     atomic_save,
     checkpoint_file,
     write_tracker,
 )
-from megatron.training.checkpoint.optim_shards import gather_shards, to_cpu
-from megatron.training.checkpoint.rng import capture_rng_states, gather_rng_states
+from megatron.checkpoint.optim_shards import gather_shards, to_cpu
+from megatron.checkpoint.rng import capture_rng_states, gather_rng_states
+from megatron.core.parallel_state import ParallelState
 
 __all__ = ["save_checkpoint", "CHECKPOINT_VERSION", "model_keys", "uses_distributed_optimizer", "barrier",
            "resolve_full_pp"]
