@@ -23,6 +23,7 @@ from megatron.checkpoint.layout import (
     read_tracker,
     saved_mp_ranks,
 )
+from megatron.checkpoint.model_dicts import fit_to_model, model_dicts
 from megatron.checkpoint.optim_shards import reshard
 from megatron.checkpoint.rng import restore_rng_states
 from megatron.checkpoint.save import (
@@ -141,14 +142,11 @@ def _read_rank_file(load_dir: str, iteration: int, release: bool, state: Paralle
 
 
 def _load_model(ckpt: dict, path: str, chunks: list, strict: bool) -> None:
-    keys = model_keys(len(chunks))
-    saved = sorted(k for k in ckpt if k == "model" or (k.startswith("model") and k[5:].isdigit()))
-    if saved != sorted(keys):
-        raise CheckpointError(f"{path} holds model chunks {saved} but this run builds {keys}; use the same "
-                              "--num-layers-per-virtual-pipeline-stage as the saving run")
-    for key, chunk in zip(keys, chunks):
+    dicts = model_dicts(ckpt, path, len(chunks), "use the same --num-layers-per-virtual-pipeline-stage as the "
+                                                 "saving run")
+    for key, chunk, sd in zip(model_keys(len(chunks)), chunks, dicts):
         try:
-            chunk.load_state_dict(ckpt[key], strict=strict)
+            chunk.load_state_dict(fit_to_model(sd, set(chunk.state_dict())), strict=strict)
         except RuntimeError as e:
             raise CheckpointError(f"{path} [{key}] does not fit this model: {e}") from None
 
@@ -181,7 +179,14 @@ def _load_optimizer(ckpt: dict, path: str, optimizer, scheduler, state: Parallel
         if saved_distributed:
             _load_distributed_optimizer(optimizer, os.path.join(os.path.dirname(path), DISTRIB_OPTIM_FILE), state)
         else:
-            optimizer.load_state_dict(saved)
+            try:
+                optimizer.load_state_dict(saved)
+            except (KeyError, TypeError) as e:
+                # Another program's optimizer state (EE-LLM / Megatron-LM keep apex's, in their own order).
+                raise CheckpointError(
+                    f"{path} holds an optimizer state this optimizer cannot read (no {e}; written by EE-LLM or "
+                    "Megatron-LM?); load the model weights only with --finetune, or keep the iteration with "
+                    "--no-load-optim") from None
     if scheduler is not None:
         if "opt_param_scheduler" not in ckpt:
             raise CheckpointError(f"{path} holds no opt_param_scheduler state; load it with --no-load-optim")

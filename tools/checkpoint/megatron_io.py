@@ -2,7 +2,7 @@
 
 Reading takes every ``mp_rank_*`` file of one iteration, flattens Megatron's nested ``model`` dicts
 (``{'language_model': {'encoder': {...}}}`` in EE-LLM / legacy Megatron, flat in ours) to the dotted key
-names of reference 6.3, and merges the ranks with :func:`merge_state_dicts` (which checks every key, shape
+names with the reader training's ``--load`` uses (``megatron/checkpoint/model_dicts.py``), and merges the ranks with :func:`merge_state_dicts` (which checks every key, shape
 and tied copy). The model and exit configuration come from the stored ``args``.
 
 Writing cuts the FULL dict for any (tp, pp, vpp, layers per stage) with :func:`shard_state_dict` and
@@ -35,6 +35,7 @@ from megatron.checkpoint.layout import (
     write_tracker,
 )
 from megatron.checkpoint.load import resolve_iteration
+from megatron.checkpoint.model_dicts import model_dicts
 from megatron.checkpoint.save import CHECKPOINT_VERSION, model_keys
 from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
 from megatron.model.partition import Partition, partition
@@ -161,27 +162,6 @@ def build_args(cfg: ModelConfig, ee: EarlyExitConfig, layout: Layout, tokenizer:
 
 # ------------------------------------------------------------------------------------------------- read
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Megatron's nested ``state_dict_for_save_checkpoint`` output -> dotted keys (flat dicts pass through)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        elif isinstance(value, torch.Tensor):
-            out[f"{prefix}{key}"] = value
-        elif value is not None:
-            raise CheckpointError(f"model entry {prefix}{key} is a {type(value).__name__}, not a tensor")
-    return out
-
-
-def _model_dicts(ckpt: dict, path: str, vpp: int) -> list[dict[str, torch.Tensor]]:
-    keys = model_keys(vpp)
-    missing = [k for k in keys if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} has no {missing} entries; its args say {vpp} virtual chunk(s) per stage")
-    return [_flatten(ckpt[k]) for k in keys]
-
-
 def read_megatron(load_dir: str, load_iteration: int = 0) -> ModelCheckpoint:
     """Every rank file of one iteration (``load_iteration`` 0: the tracker's) merged into the FULL dict."""
     if not os.path.isdir(load_dir):
@@ -208,7 +188,8 @@ def read_megatron(load_dir: str, load_iteration: int = 0) -> ModelCheckpoint:
                     "file is needed (an EE-LLM partial EE-Tuning save holds only the tuned stages; convert the "
                     "complete model)")
             ckpt = cache.pop(path, None) or read_file(path)
-            for chunk, sd in enumerate(_model_dicts(ckpt, path, layout.vpp)):
+            hint = f"its args say {layout.vpp} virtual chunk(s) per stage"
+            for chunk, sd in enumerate(model_dicts(ckpt, path, layout.vpp, hint)):
                 per_rank[tp_rank, stage, chunk] = sd
     full = merge_state_dicts(per_rank, cfg, layout.tp, part, ee)
     tokenizer = {k: getattr(args, k) for k in ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
