@@ -1,24 +1,29 @@
-"""Megatron's checkpoint directory layout, the tracker file, atomic writes and guarded reads.
+"""Megatron's checkpoint directory layout, the tracker file and atomic writes.
 
-Layout (reference 6.2)::
+Layout (Megatron-LM's ``checkpointing.py``, which EE-LLM keeps)::
 
     <dir>/latest_checkpointed_iteration.txt         the iteration number, or ``release``
     <dir>/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt
     <dir>/iter_0000100/mp_rank_TT[_PPP]/distrib_optim.pt   (--use-distributed-optimizer)
+    <dir>/iter_0000100/manifest.json                 ours: checksums and progress (``manifest.py``)
     <dir>/release/...                                converted checkpoints
 
 ``_PPP`` appears whenever the *full* pipeline size is above 1, also in an EE-Tuning run that builds fewer
 stages (EE-LLM's ``has_pipeline_parallel``). Every file is written to a temporary name in its final
-directory, flushed to disk and renamed over the target (``os.replace`` is atomic on POSIX), so a reader
-sees either the old file or the complete new one, never a torn one.
+directory (``.<name>.<random>.tmp``), flushed to disk and renamed over the target (``os.replace`` is atomic
+on POSIX), so a reader sees either the old file or the complete new one, never a torn one; the writer
+returns the sha256 of the bytes it wrote. A killed save leaves such temporary files behind:
+:func:`remove_stale_temporaries` deletes them (only those names) once no save is in flight.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,15 +31,22 @@ from .foreign_pickle import tolerant_pickle
 
 __all__ = [
     "CheckpointError", "TRACKER_FILE", "MODEL_FILE", "DISTRIB_OPTIM_FILE", "iteration_dir", "rank_dir",
-    "checkpoint_file", "read_tracker", "write_tracker", "atomic_save", "read_file", "saved_mp_ranks",
-    "list_iterations",
+    "checkpoint_file", "read_tracker", "write_tracker", "atomic_write", "atomic_save", "torch_load",
+    "saved_mp_ranks", "list_iterations", "is_temporary", "remove_stale_temporaries",
 ]
+
+log = logging.getLogger(__name__)
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"
 RELEASE = "release"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_ITERATION_DIR = re.compile(r"^iter_\d{7}$")
+# The temporary names atomic_write gives (".<final name>.<mkstemp's random part>.tmp"): only these are
+# ever removed as leftovers of a killed save.
+_TEMPORARY = re.compile(r"^\.(?:model_optim_rng\.pt|distrib_optim\.pt|latest_checkpointed_iteration\.txt|"
+                        r"manifest\.json)\.[A-Za-z0-9_]+\.tmp$")
 
 
 class CheckpointError(RuntimeError):
@@ -61,28 +73,47 @@ def read_tracker(root: str) -> tuple[int, bool] | None:
     path = os.path.join(root, TRACKER_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        text = f.read().strip()
+    with open(path, "rb") as f:
+        raw = f.read()
+    fix = f"fix or delete the file, or choose the checkpoint with --load-iteration N (found: {list_iterations(root)})"
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} holds binary data ({raw[:16]!r}...), not an iteration number or 'release'; "
+                              f"{fix}") from None
     if text == RELEASE:
         return 0, True
-    try:
-        iteration = int(text)
-    except ValueError:
-        iteration = -1
-    if iteration < 0:
-        raise CheckpointError(f"{path} holds {text!r}, not an iteration number or 'release'; fix or delete the file, "
-                              "or choose the checkpoint with --load-iteration N")
-    return iteration, False
+    if not text.isdigit():
+        raise CheckpointError(f"{path} holds {text!r}, not an iteration number or 'release'; {fix}")
+    return int(text), False
 
 
-def _atomic_write(path: str, write) -> None:
-    """``write(fileobj)`` into a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+class _HashingWriter:
+    """A write-only file wrapper that hashes what passes through (``torch.save`` writes sequentially; a
+    writer that seeks would fail here on the missing ``seek`` instead of recording a wrong digest)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_write(path: str, write: Callable) -> dict:
+    """``write(fileobj)`` into a temporary file next to ``path``, fsync it, then rename it over ``path``.
+    Returns ``{"sha256": hex digest, "bytes": size}`` of what was written."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            hashing = _HashingWriter(f)
+            write(hashing)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -91,6 +122,7 @@ def _atomic_write(path: str, write) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+    return {"sha256": hashing.sha.hexdigest(), "bytes": hashing.bytes}
 
 
 def _fsync_dir(directory: str) -> None:
@@ -102,20 +134,20 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` that leaves either the old ``path`` or the complete new one."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+def atomic_save(obj: Any, path: str) -> dict:
+    """``torch.save`` that leaves either the old ``path`` or the complete new one; returns its digest."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def write_tracker(root: str, iteration: int | str) -> None:
-    _atomic_write(os.path.join(root, TRACKER_FILE), lambda f: f.write(f"{iteration}\n".encode()))
+    atomic_write(os.path.join(root, TRACKER_FILE), lambda f: f.write(f"{iteration}\n".encode()))
 
 
-def read_file(path: str) -> dict:
-    """``torch.load`` of one of our checkpoint files onto the CPU, with an error naming a missing, truncated
-    or corrupt file. ``weights_only=False``: the files hold an ``argparse.Namespace`` and numpy RNG state,
-    and are trusted as the user's own checkpoints. Files written by EE-LLM / Megatron-LM load too (see
-    :mod:`.foreign_pickle`)."""
+def torch_load(path: str) -> dict:
+    """``torch.load`` of a checkpoint file onto the CPU, with an error naming a missing, truncated or corrupt
+    file (no checksum check: read files through :func:`megatron.checkpoint.manifest.read_file`).
+    ``weights_only=False``: the files hold an ``argparse.Namespace`` and numpy RNG state, and are trusted as
+    the user's own checkpoints. Files written by EE-LLM / Megatron-LM load too (see :mod:`.foreign_pickle`)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} does not exist")
     try:
@@ -151,4 +183,35 @@ def list_iterations(root: str) -> list[int]:
     """Iterations with an ``iter_*`` directory (for error messages)."""
     if not os.path.isdir(root):
         return []
-    return sorted(int(n[5:]) for n in os.listdir(root) if re.fullmatch(r"iter_\d{7}", n))
+    return sorted(int(n[5:]) for n in os.listdir(root) if _ITERATION_DIR.match(n))
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one :func:`atomic_write` gives its temporary files."""
+    return bool(_TEMPORARY.match(name))
+
+
+def remove_stale_temporaries(root: str) -> list[str]:
+    """Delete the temporary files killed saves left under ``root`` (the tracker's, and those in every
+    ``iter_*`` / ``release`` directory and its ``mp_rank_*`` directories); returns their paths. Only names
+    :func:`atomic_write` gives are touched, and the caller must know that no save into ``root`` is in
+    flight (``save_checkpoint`` calls it on global rank 0 after the last barrier of a save)."""
+    if not os.path.isdir(root):
+        return []
+    dirs = [root]
+    for name in os.listdir(root):
+        if _ITERATION_DIR.match(name) or name == RELEASE:
+            top = os.path.join(root, name)
+            if os.path.isdir(top):
+                dirs.append(top)
+                dirs += [os.path.join(top, n) for n in os.listdir(top) if _RANK_DIR.match(n)]
+    removed = []
+    for directory in dirs:
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            if is_temporary(name) and os.path.isfile(path):
+                os.unlink(path)
+                removed.append(path)
+    if removed:
+        log.info("removed %d temporary file(s) of interrupted saves under %s", len(removed), root)
+    return removed

@@ -19,7 +19,9 @@ import os
 
 import torch
 
-from megatron.checkpoint.layout import checkpoint_file, read_file
+from megatron.checkpoint import checkpoint_file, read_file
+from megatron.checkpoint.layout import iteration_dir
+from megatron.checkpoint.manifest import MANIFEST_FILE
 from megatron.config import EarlyExitConfig, ModelConfig
 from megatron.model.partition import partition
 from megatron.model.state_dict_sharding import EMBEDDING_KEY, HEAD_COPY_KEY, rank_key_map
@@ -53,7 +55,8 @@ def nest_like_ee_llm(flat: dict[str, torch.Tensor]) -> dict:
 
 def rewrite_as_ee_llm(root: str, iteration: int, cfg: ModelConfig, ee: EarlyExitConfig, tp: int, pp: int) -> None:
     """Rewrite every rank file of ``iteration`` under ``root`` (tp x pp, one chunk per stage) with EE-LLM's
-    exact key set (adding its unused embedding copies) and nesting; the other entries stay as they are."""
+    exact key set (adding its unused embedding copies) and nesting; the other entries stay as they are.
+    The manifest goes (EE-LLM writes none)."""
     part = partition(cfg.num_layers, pp, 1, ee.exit_layer_nums)
     for tp_rank in range(tp):
         embedding = read_file(checkpoint_file(root, iteration, tp_rank, 0, pp))["model"][EMBEDDING_KEY]
@@ -70,3 +73,6 @@ def rewrite_as_ee_llm(root: str, iteration: int, cfg: ModelConfig, ee: EarlyExit
             tmp = path + ".rewrite"
             torch.save(ckpt, tmp)
             os.replace(tmp, path)
+    manifest = os.path.join(iteration_dir(root, iteration), MANIFEST_FILE)
+    if os.path.exists(manifest):
+        os.remove(manifest)

@@ -2,12 +2,13 @@
 its own model), and clear refusals of EE-LLM state our training cannot take over (optimizer, RNG)."""
 
 import argparse
+import os
 
 import pytest
 import torch
 
-from megatron.checkpoint import CheckpointError, checkpoint_file, load_checkpoint, save_checkpoint
-from megatron.checkpoint.layout import read_file
+from megatron.checkpoint import CheckpointError, checkpoint_file, load_checkpoint, read_file, save_checkpoint
+from megatron.checkpoint.manifest import MANIFEST_FILE
 from megatron.checkpoint.model_dicts import fit_to_model, model_dicts
 from megatron.config import EarlyExitConfig, ModelConfig
 from megatron.core.parallel_state import ParallelState
@@ -62,9 +63,11 @@ def _args():
 
 
 def _saved(tmp_path):
+    """A checkpoint whose file the test rewrites as EE-LLM would have written it (EE-LLM writes no manifest)."""
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     save_checkpoint(str(tmp_path), 5, [model], opt, None, SINGLE, _args())
+    os.remove(tmp_path / "iter_0000005" / MANIFEST_FILE)
     return model, opt, checkpoint_file(str(tmp_path), 5, 0, 0, 1)
 
 

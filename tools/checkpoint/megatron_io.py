@@ -23,20 +23,18 @@ import torch
 
 from megatron.checkpoint.foreign_pickle import ForeignObject
 from megatron.checkpoint.layout import (
-    TRACKER_FILE,
     CheckpointError,
     atomic_save,
     checkpoint_file,
     iteration_dir,
     list_iterations,
-    read_file,
-    read_tracker,
     saved_mp_ranks,
     write_tracker,
 )
 from megatron.checkpoint.load import resolve_iteration
+from megatron.checkpoint.manifest import read_file, write_manifest
 from megatron.checkpoint.model_dicts import model_dicts
-from megatron.checkpoint.save import CHECKPOINT_VERSION, model_keys
+from megatron.checkpoint.save import CHECKPOINT_VERSION, model_keys, progress_of
 from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
 from megatron.model.partition import Partition, partition
 from megatron.model.state_dict_sharding import merge_state_dicts, shard_state_dict
@@ -165,11 +163,10 @@ def build_args(cfg: ModelConfig, ee: EarlyExitConfig, layout: Layout, tokenizer:
 def read_megatron(load_dir: str, load_iteration: int = 0) -> ModelCheckpoint:
     """Every rank file of one iteration (``load_iteration`` 0: the tracker's) merged into the FULL dict."""
     if not os.path.isdir(load_dir):
-        raise CheckpointError(f"--load-dir {load_dir} does not exist")
-    if load_iteration == 0 and read_tracker(load_dir) is None:
-        raise CheckpointError(f"--load-dir {load_dir} has no {TRACKER_FILE}; name the iteration with "
-                              f"--load-iteration N (iterations found: {list_iterations(load_dir)})")
-    iteration, release = resolve_iteration(load_dir, load_iteration)
+        what = "is a file, not a checkpoint directory" if os.path.exists(load_dir) else "does not exist"
+        raise CheckpointError(f"--load-dir {load_dir} {what}")
+    iteration, release = resolve_iteration(load_dir, load_iteration, required="the converter needs a checkpoint",
+                                           flag="--load-dir")
     first = _first_file(load_dir, iteration, release)
     cache = {first: read_file(first)}
     args = cache[first].get("args")
@@ -218,7 +215,8 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 def write_megatron(save_dir: str, ckpt: ModelCheckpoint, layout: Layout, args: argparse.Namespace) -> None:
     """Write ``ckpt.full`` cut as ``layout`` under ``save_dir`` at ``ckpt.iteration`` (or ``release``),
-    with ``args`` (already describing the model and layout) in every file; the tracker goes last."""
+    with ``args`` (already describing the model and layout) in every file; the manifest (checksums) and the
+    tracker go last."""
     cfg, ee = ckpt.model, ckpt.ee
     part = layout.partition(cfg, ee)
     try:  # every size check of the cut, before the first file is written
@@ -229,11 +227,14 @@ def write_megatron(save_dir: str, ckpt: ModelCheckpoint, layout: Layout, args: a
     if os.path.exists(target):
         raise CheckpointError(f"--save-dir {save_dir} already holds {os.path.basename(target)}; choose a new "
                               "directory (stale rank files of another layout would mix with the new ones)")
+    digests = {}
     for stage in range(layout.pp):
         for tp_rank in range(layout.tp):
             entry = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": ckpt.iteration}
             for chunk, key in enumerate(model_keys(layout.vpp)):
                 sd = shard_state_dict(ckpt.full, cfg, layout.tp, tp_rank, part, stage, chunk, ee)
                 entry[key] = {k: _compact(v) for k, v in sd.items()}
-            atomic_save(entry, checkpoint_file(save_dir, ckpt.iteration, tp_rank, stage, layout.pp, ckpt.release))
+            path = checkpoint_file(save_dir, ckpt.iteration, tp_rank, stage, layout.pp, ckpt.release)
+            digests[os.path.relpath(path, target)] = atomic_save(entry, path)
+    write_manifest(target, digests, progress_of(args))
     write_tracker(save_dir, "release" if ckpt.release else ckpt.iteration)

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from megatron.checkpoint import checkpoint_file
-from megatron.checkpoint.layout import read_file
+from megatron.checkpoint import read_file
 from megatron.checkpoint.model_loader import load_inference_model
 from megatron.evaluation.__main__ import main as evaluate
 from megatron.testing.distributed import run_distributed
