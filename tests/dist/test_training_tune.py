@@ -72,3 +72,13 @@ def test_every_stage_resumes_the_tuning_run_progress_after_a_partial_save(tmp_pa
     with pytest.raises(DistributedTestError, match=r"files disagree on the consumed samples \(.*mp_rank_00_000.*: "
                                                    r"16 train.*mp_rank_00_001.*: 24 train.*--finetune"):
         run_main(2, resume)
+
+
+def test_tuning_needs_a_checkpoint_in_load(tmp_path):
+    """--tune-exit with a --load that holds nothing is refused (the exits would learn a random backbone),
+    also without --exit-on-missing-checkpoint."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DistributedTestError, match=r"--load .*empty has no latest_checkpointed_iteration.txt, and "
+                                                   r"--tune-exit tunes the exits of a pretrained model"):
+        run_main(1, tiny_argv(*SWITCHES, "--tune-exit", tune_exit_pipeline_parallel_size=1, load=tmp_path / "empty",
+                              **MODEL))
