@@ -81,9 +81,9 @@ def resolve_iteration(load_dir: str, load_iteration: int = 0, exit_on_missing_ch
     if found is None:
         iterations = list_iterations(load_dir)
         if iterations:
-            raise CheckpointError(f"{flag} {load_dir} has no {TRACKER_FILE}; name the iteration with --load-iteration N "
-                                  f"(iterations found: {iterations}; a save killed before its first tracker leaves "
-                                  "such a directory: delete it to start from scratch)")
+            raise CheckpointError(f"{flag} {load_dir} has no {TRACKER_FILE}; name the iteration with --load-iteration "
+                                  f"N (iterations found: {iterations}; a save killed before its first tracker "
+                                  "leaves such a directory: delete it to start from scratch)")
         what = "does not exist" if not os.path.isdir(load_dir) else f"has no {TRACKER_FILE}"
         if exit_on_missing_checkpoint and required is None:
             required = "--exit-on-missing-checkpoint is set"

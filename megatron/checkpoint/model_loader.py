@@ -8,7 +8,7 @@ evaluation and the tools build model chunks and fill them with a checkpoint's we
   model flags plus ``--random-weights``), checked before any process group exists: a weights source is
   required, the world is one replica of tp x pp processes, one chunk per rank.
 - :func:`load_inference_model`: tokenizer, validated configuration, process groups, chunks in eval mode and
-  the ``--load`` weights.
+  the ``--load`` weights (our layout or EE-LLM's nested one, checksums verified: see ``load.py``).
 
 It lives in the checkpoint package rather than in ``megatron/model``: it composes the flags, the process
 grid, the model and the checkpoint reader, and the model package stays free of files and flags.

@@ -58,7 +58,8 @@ def build_model(model_argv: list[str]) -> LoadedModel:
     return load_inference_model(inference_args(model_argv))
 
 
-def build_lm(model: LoadedModel, ns: argparse.Namespace, *, early_exit_thres: float | None = None, generate_fn=None) -> EarlyExitLM:
+def build_lm(model: LoadedModel, ns: argparse.Namespace, *, early_exit_thres: float | None = None,
+             generate_fn=None) -> EarlyExitLM:
     """An :class:`EarlyExitLM` over ``model`` with the flags of :func:`add_eval_args` (``early_exit_thres``
     overrides ``--early-exit-thres``)."""
     thres = ns.early_exit_thres if early_exit_thres is None else early_exit_thres

@@ -26,7 +26,8 @@ from tools.checkpoint.megatron_io import configs_from_checkpoint_args
 PP = 4
 SWITCHES = ["--untie-exit-output-weights", "--use-exit-norm"]
 MODEL = dict(pipeline_model_parallel_size=PP, exit_layer_nums="1 3", hidden_dropout=0, attention_dropout=0)
-MODEL_FLAGS = ["--load-iteration", "2", "--use-checkpoint-args", "--tokenizer-type", "NullTokenizer", "--vocab-size", "60", "--device", "cpu"]
+MODEL_FLAGS = ["--load-iteration", "2", "--use-checkpoint-args", "--tokenizer-type", "NullTokenizer", "--vocab-size",
+               "60", "--device", "cpu"]
 BODIES = [{"prompts": ["3 5 7"], "tokens_to_generate": 4},
           {"prompts": ["9 2"], "tokens_to_generate": 4, "use_early_exit": True, "early_exit_thres": 0}]
 

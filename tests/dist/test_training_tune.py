@@ -49,7 +49,8 @@ def test_tune_first_stage_only_trains_exits_and_saves_a_complete_model(tmp_path)
 
 
 def _consumed(root, iteration, stage):
-    return torch.load(checkpoint_file(str(root), iteration, 0, stage, 2), weights_only=False)["args"].consumed_train_samples
+    path = checkpoint_file(str(root), iteration, 0, stage, 2)
+    return torch.load(path, weights_only=False)["args"].consumed_train_samples
 
 
 def test_every_stage_resumes_the_tuning_run_progress_after_a_partial_save(tmp_path):

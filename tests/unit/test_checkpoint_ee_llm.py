@@ -77,7 +77,8 @@ def test_ee_llm_optimizer_state_is_refused_with_the_fix(tmp_path):
     # Megatron's Float16OptimizerWithFloat16Params.state_dict(): apex's state under "optimizer".
     ckpt["optimizer"] = {"optimizer": ckpt["optimizer"], "fp32_from_fp16_params": [], "grad_scaler": None}
     torch.save(ckpt, path)
-    with pytest.raises(CheckpointError, match=r"model_optim_rng.pt holds an optimizer state .*--finetune.*--no-load-optim"):
+    with pytest.raises(CheckpointError, match=r"model_optim_rng.pt holds an optimizer state .*--finetune.*"
+                                              r"--no-load-optim"):
         load_checkpoint(str(tmp_path), [model], opt, None, SINGLE, _args())
     assert load_checkpoint(str(tmp_path), [model], opt, None, SINGLE, _args(), no_load_optim=True) == 5
 
