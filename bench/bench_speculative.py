@@ -32,7 +32,8 @@ from megatron.testing.distributed import run_distributed  # noqa: E402
 from megatron.text_generation.engine import InferenceEngine  # noqa: E402
 from megatron.text_generation.generation import generate_tokens  # noqa: E402
 from megatron.text_generation.request import EarlyExitParams, SamplingParams  # noqa: E402
-from megatron.text_generation.server_launch import build, server_args  # noqa: E402
+from megatron.checkpoint.model_loader import load_inference_model  # noqa: E402
+from megatron.text_generation.server_launch import server_args  # noqa: E402
 
 RESULT = Path(__file__).resolve().parent / "results" / "speculative.json"
 VOCAB = 4096  # examples/quickstart.sh's SentencePiece vocabulary
@@ -76,7 +77,7 @@ def _measure(args, shape: dict | None) -> list[dict]:
     """Every rank builds the model and runs the same requests; stage 0's numbers are returned. The
     decodings take turns within each repetition, so a change in the machine's load hits them alike."""
     torch.set_num_threads(1)
-    run, state, tok, chunks = build(server_args(_flags(args, shape)))
+    run, state, tok, chunks = load_inference_model(server_args(_flags(args, shape)))
     eng = InferenceEngine(chunks, state, tok, run.model, run.early_exit)
     prompts = _prompts(tok, shape is None)
     runs = [dict(decoding="full depth", draft_exit=None, k=None, ee=EarlyExitParams())]

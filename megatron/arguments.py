@@ -313,7 +313,8 @@ def _add_early_exit_args(parser):
     _flag(g, "--use-dynamic-exit-layer-weight", action="store_true", help="Weight exit tokens by confidence.")
     _flag(g, "--tune-exit", action="store_true", help="EE-Tuning: train only the exits.")
     _flag(g, "--tune-exit-pipeline-parallel-size", type=int, default=None,
-          help="EE-Tuning: build and run only the first N stages (default: all).")
+          help="EE-Tuning: build, load and run only the first N stages (default 1, as EE-LLM); every exit must "
+               "lie in them.")
 
 
 def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
@@ -388,7 +389,7 @@ def _derive_parallel(args, world_size: int) -> None:
     if args.tune_exit:
         # EE-LLM: no clamping in tune mode; the grid holds only the stages that run.
         if args.tune_exit_pipeline_parallel_size is None:
-            args.tune_exit_pipeline_parallel_size = pp
+            args.tune_exit_pipeline_parallel_size = 1  # EE-LLM's default
         run_pp = args.tune_exit_pipeline_parallel_size
         if not 1 <= run_pp <= pp:
             raise ConfigError(f"--tune-exit-pipeline-parallel-size ({run_pp}) must lie in "

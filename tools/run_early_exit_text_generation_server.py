@@ -9,7 +9,8 @@
 Global rank 0 answers HTTP; the other ranks follow its broadcast requests. Open ``http://HOST:PORT/`` in a
 browser for the playground: a prompt box, the decoding mode (full depth, early exit, self-speculative)
 and the generated tokens coloured by the exit they left at. Without ``--load`` it
-refuses to start unless ``--random-weights`` is given. Start-up logic: megatron/text_generation/server_launch.py.
+refuses to start unless ``--random-weights`` is given. Start-up logic: megatron/text_generation/server_launch.py
+(the model: megatron/checkpoint/model_loader.py).
 
 Exit status: 0 after SIGTERM / Ctrl-C, 2 for bad flags, 1 when the ranks could no longer agree (a rank
 lost, or stuck after a failed generation: ``/health`` said ``"failed"`` first); restart it then.
@@ -24,13 +25,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.checkpoint import CheckpointError  # noqa: E402
+from megatron.checkpoint.model_loader import load_inference_model  # noqa: E402
 from megatron.cli_errors import run_cli  # noqa: E402
 from megatron.config import ConfigError  # noqa: E402
 from megatron.text_generation.engine import InferenceEngine  # noqa: E402
 from megatron.text_generation.generation import generate  # noqa: E402
-from megatron.text_generation.server_launch import build, model_info, serve, server_args, server_limits  # noqa: E402
+from megatron.text_generation.server_launch import model_info, serve, server_args, server_limits  # noqa: E402
 from megatron.tokenizer.base import TokenizerArgumentError  # noqa: E402
-from megatron.training.checkpoint import CheckpointError  # noqa: E402
 
 
 def _interrupt(signum, frame):
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args = server_args(argv)
-        run, state, tokenizer, chunks = build(args)
+        run, state, tokenizer, chunks = load_inference_model(args)
     except (ConfigError, TokenizerArgumentError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

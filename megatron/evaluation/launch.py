@@ -1,8 +1,9 @@
 """Command-line start-up shared by the task runner (``python -m megatron.evaluation``) and
 ``tools/sweep_thresholds.py``: the evaluation flags, and the model built from the usual Megatron /
-EE-LLM flags exactly as the text-generation server builds it (``--load CKPT [--use-checkpoint-args]`` or
-``--random-weights`` with the model-shape flags; launch tp x pp processes with torchrun for a parallel
-model). A tool parses its own flags first and hands the rest to :func:`build_model`.
+EE-LLM flags by :mod:`megatron.checkpoint.model_loader`, as the text-generation server builds it
+(``--load CKPT [--use-checkpoint-args]`` or ``--random-weights`` with the model-shape flags; launch tp x pp
+processes with torchrun for a parallel model). A tool parses its own flags first and hands the rest to
+:func:`build_model`.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron.checkpoint.model_loader import LoadedModel, inference_args, load_inference_model
 from megatron.text_generation.confidence import MEASURES
-from megatron.text_generation.server_launch import build, server_args
 
 from .adapter import EarlyExitLM
 
-__all__ = ["add_eval_args", "split_argv", "build_model", "build_lm", "Model"]
+__all__ = ["add_eval_args", "split_argv", "build_model", "build_lm"]
 
 
 def split_argv(argv=None) -> tuple[list[str], list[str]]:
@@ -41,29 +42,14 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-class Model:
-    """This rank's model as the tools need it: configs, parallel state, tokenizer and chunks."""
-
-    def __init__(self, run, state, tokenizer, chunks):
-        self.run, self.state, self.tokenizer, self.chunks = run, state, tokenizer, chunks
-
-    @property
-    def num_layers(self) -> int:
-        return self.run.model.num_layers
-
-    @property
-    def exit_layers(self) -> list[int]:
-        return list(self.run.early_exit.exit_layer_nums)
-
-
-def build_model(model_argv: list[str]) -> Model:
+def build_model(model_argv: list[str]) -> LoadedModel:
     """The model of this rank from Megatron flags (see the module doc); flags are checked as the server
     checks them (weights source, one replica of tp x pp processes, no virtual pipeline)."""
-    run, state, tokenizer, chunks = build(server_args(model_argv))
-    return Model(run, state, tokenizer, chunks)
+    return load_inference_model(inference_args(model_argv))
 
 
-def build_lm(model: Model, ns: argparse.Namespace, *, early_exit_thres: float | None = None, generate_fn=None) -> EarlyExitLM:
+def build_lm(model: LoadedModel, ns: argparse.Namespace, *, early_exit_thres: float | None = None,
+             generate_fn=None) -> EarlyExitLM:
     """An :class:`EarlyExitLM` over ``model`` with the flags of :func:`add_eval_args` (``early_exit_thres``
     overrides ``--early-exit-thres``)."""
     thres = ns.early_exit_thres if early_exit_thres is None else early_exit_thres

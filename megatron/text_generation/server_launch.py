@@ -1,6 +1,7 @@
 """Start-up of the text-generation server (``tools/run_early_exit_text_generation_server.py``): its
-flags, the weights-source check, the process grid, the model chunks with their checkpoint, and the
-split into the HTTP rank (global 0) and the worker ranks.
+flags, and the split into the HTTP rank (global 0) and the worker ranks. The model of each rank (weights
+source check, one-replica world, chunks and checkpoint) comes from :mod:`megatron.checkpoint.model_loader`,
+shared with evaluation and training.
 
 Differences from EE-LLM, on purpose: without ``--load`` the server refuses to start unless
 ``--random-weights`` is given (EE-LLM silently served an untrained model); the world must be exactly
@@ -15,19 +16,13 @@ import logging
 import os
 from typing import Callable
 
-from megatron.arguments import parse_args, validate_args
-from megatron.config import ConfigError
-from megatron.core.parallel_state import ParallelState, init_distributed
-from megatron.model import EarlyExitGPTModel
+from megatron.checkpoint.model_loader import inference_args
+from megatron.core.parallel_state import ParallelState
 from megatron.text_generation.request import DEFAULT_LIMITS, GenerationRequest, GenerationResult, ServerLimits
 from megatron.text_generation.server import GenerationService, InferenceServer, ModelInfo
 from megatron.text_generation.server_ranks import RanksDiverged, distributed_generate, worker_loop
-from megatron.tokenizer.build import build_tokenizer_from_args
-from megatron.training.checkpoint import load_args_from_checkpoint, load_checkpoint
-from megatron.training.config import RunConfig, configs_from_args
 
-__all__ = ["add_server_args", "server_args", "server_limits", "check_weights_source", "build_model_chunks",
-           "load_weights", "make_service", "serve", "build", "model_info"]
+__all__ = ["add_server_args", "server_args", "server_limits", "make_service", "serve", "model_info"]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +32,6 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=5000, help="HTTP port of the server (EE-LLM's default 5000).")
     g.add_argument("--host", default="127.0.0.1",
                    help="Interface to listen on; 0.0.0.0 serves the network (no authentication: trusted networks only).")
-    g.add_argument("--random-weights", action="store_true",
-                   help="Serve a randomly initialised model when no --load is given (tests and demos only).")
     g.add_argument("--model-name", default=None, help="Name reported by /health and /v1/completions "
                                                       "(default: the --load directory's name).")
     d = DEFAULT_LIMITS
@@ -77,69 +70,10 @@ def server_limits(args: argparse.Namespace) -> ServerLimits:
                         sync_timeout_s=args.rank_sync_timeout)
 
 
-def check_weights_source(args: argparse.Namespace) -> None:
-    if args.load is None and not args.random_weights:
-        raise ConfigError("no --load checkpoint given: the server would answer with an untrained model. Pass "
-                          "--load DIR (with --use-checkpoint-args to take the model shape from it), or "
-                          "--random-weights to serve random weights on purpose")
-    if args.load is not None and args.random_weights:
-        raise ConfigError("--random-weights and --load exclude each other; drop one")
-    if args.use_checkpoint_args and args.load is None:
-        raise ConfigError("--use-checkpoint-args needs --load DIR")
-
-
 def server_args(argv=None) -> argparse.Namespace:
-    """Parse and check the server's command line (before any process group exists); EE-LLM's
-    server defaults: no optimizer or RNG state is loaded and a missing checkpoint is an error."""
-    args = parse_args(argv, extra_args_provider=add_server_args)
-    check_weights_source(args)
-    if args.load is not None:
-        args.no_load_optim = args.no_load_rng = args.exit_on_missing_checkpoint = True
-    if args.use_checkpoint_args:
-        load_args_from_checkpoint(args, args.load, args.load_iteration)
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if args.world_size != tp * pp:
-        origin = (" (the checkpoint's sizes, taken by --use-checkpoint-args; to serve at other sizes reshard it "
-                  "with tools/checkpoint/util.py)") if args.use_checkpoint_args else ""
-        raise ConfigError(f"the server runs one model replica: launch exactly --tensor-model-parallel-size x "
-                          f"--pipeline-model-parallel-size = {tp} x {pp} = {tp * pp} processes{origin} (torchrun "
-                          f"--nproc_per_node {tp * pp}), not {args.world_size}")
-    if args.num_layers_per_virtual_pipeline_stage is not None:
-        raise ConfigError("generation runs one model chunk per rank: drop --num-layers-per-virtual-pipeline-stage "
-                          "(the checkpoint loads the same without it only if saved without it: reshard with "
-                          "tools/checkpoint/util.py)")
-    args.sequence_parallel = False  # one token at a time: nothing to split along the sequence
-    return args
-
-
-def build_model_chunks(run: RunConfig, state: ParallelState) -> list[EarlyExitGPTModel]:
-    """This rank's model chunks (one per virtual stage), in eval mode on the rank's device."""
-    layout = run.partition()
-    chunks = [EarlyExitGPTModel(run.model, run.early_exit, state=state, partition=layout, chunk=c,
-                                layers_per_stage=run.parallel.layers_per_stage)
-              for c in range(run.parallel.chunks)]
-    return [chunk.to(state.device).eval() for chunk in chunks]
-
-
-def load_weights(args: argparse.Namespace, chunks: list, state: ParallelState) -> None:
-    """Load ``--load`` into ``chunks`` (model weights only), or keep the seeded random init."""
-    if args.load is None:
-        log.warning("serving RANDOM weights (--random-weights): the answers are noise")
-        return
-    load_checkpoint(args.load, chunks, None, None, state, args, load_iteration=args.load_iteration,
-                    finetune=True, no_load_optim=True, no_load_rng=True, exit_on_missing_checkpoint=True)
-
-
-def build(args: argparse.Namespace):
-    """(run config, parallel state, tokenizer, model chunks) of this rank, weights loaded."""
-    tokenizer = build_tokenizer_from_args(args, tp=args.tensor_model_parallel_size)
-    validate_args(args, args.world_size, training=False, vocab_size=tokenizer.vocab_size)
-    run = configs_from_args(args, tokenizer.vocab_size).validate(training=False)
-    init_distributed(run.parallel.distributed_backend, timeout_s=60.0 * run.parallel.distributed_timeout_minutes)
-    state = ParallelState.build(run.parallel.dims, run.parallel.distributed_backend, run.parallel.device)
-    chunks = build_model_chunks(run, state)
-    load_weights(args, chunks, state)
-    return run, state, tokenizer, chunks
+    """Parse and check the server's command line (before any process group exists): the model flags as
+    :func:`~megatron.checkpoint.model_loader.inference_args` checks them, plus the server's own."""
+    return inference_args(argv, extra_args_provider=add_server_args)
 
 
 def make_service(generate_fn: Callable[[GenerationRequest], GenerationResult], state: ParallelState,
@@ -166,7 +100,8 @@ def serve(generate_fn: Callable[[GenerationRequest], GenerationResult], state: P
     return 0
 
 
-def model_info(args: argparse.Namespace, run: RunConfig, tokenizer=None) -> ModelInfo:
+def model_info(args: argparse.Namespace, run, tokenizer=None) -> ModelInfo:
+    """What ``/health`` reports of the model; ``run``: its configuration (``LoadedModel.run``)."""
     name = args.model_name or (os.path.basename(os.path.normpath(args.load)) if args.load else "random-weights")
     return ModelInfo(name=name, num_layers=run.model.num_layers, exit_layers=list(run.early_exit.exit_layer_nums),
                      pp=run.parallel.pp, max_positions=run.model.max_positions, vocab_size=run.model.vocab_size,

@@ -355,6 +355,9 @@ class RunConfig:
         _require(k >= last + 1,
                  f"--tune-exit-pipeline-parallel-size {k} stops before stage {last}, which holds an exit of "
                  f"--exit-layer-nums; use at least {last + 1}")
+        _require(self.checkpoint.load is not None,
+                 "--tune-exit trains only the exits of a pretrained model: give --load CKPT (usually with "
+                 "--finetune); without it the exits would be tuned on a random backbone")
 
     def _validate_lr_lengths(self) -> None:
         """Megatron's scheduler needs a decay length longer than the warm-up (both counted in samples)."""

@@ -5,10 +5,12 @@
 ``--exit-on-missing-checkpoint``). ``save_run`` writes one iteration atomically (the checkpoint
 package's ordering) with the run's ``args``.
 
-EE-Tuning with ``--tune-exit-pipeline-parallel-size k < pp`` builds and loads only the first ``k``
-stages. A save must still be a complete model, so before the tracker moves, the files of the stages
-this run never built are copied unchanged from the loaded checkpoint into the new iteration
-(EE-LLM saved only the tuned stages and left the reassembly to the user).
+``--tune-exit`` refuses to start without a checkpoint to tune (the exits would learn a random backbone).
+With ``--tune-exit-pipeline-parallel-size k < pp`` it builds and loads only the first ``k`` stages. A
+save must still be a complete model, so before the tracker moves, the files of the stages this run never
+built are copied unchanged from the loaded checkpoint into the new iteration (EE-LLM saved only the
+tuned stages and left the reassembly to the user); the iteration's manifest lists their checksums and
+this run's progress, which a later load takes for every stage.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import logging
 import os
 import shutil
 
-from megatron.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from megatron.training.checkpoint.layout import rank_dir
-from megatron.training.checkpoint.load import resolve_iteration
+from megatron.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from megatron.checkpoint.layout import atomic_write, is_temporary, iteration_dir, rank_dir
+from megatron.checkpoint.load import resolve_iteration
+from megatron.checkpoint.manifest import sha256_file
 from megatron.training.setup import TrainingRun
 
 __all__ = ["load_run", "save_run", "copy_unbuilt_stages"]
@@ -35,11 +38,12 @@ def load_run(run: TrainingRun) -> int:
     if c.load is None:
         run.iteration = 0
         return 0
-    if run.partial_stages:
-        # Remember which checkpoint the unbuilt stages come from, for every later save, and check now
-        # (on every rank) that it has them rather than failing on one rank in the middle of a save.
-        run.source_iteration = resolve_iteration(c.load, c.load_iteration, c.exit_on_missing_checkpoint)
-        if run.source_iteration is not None:
+    if run.cfg.training.tune_exit:
+        # A tuning run needs its checkpoint. Remember which one the unbuilt stages come from, for every later
+        # save, and check now (on every rank) that it has them rather than failing in the middle of a save.
+        run.source_iteration = resolve_iteration(c.load, c.load_iteration,
+                                                 required="--tune-exit tunes the exits of a pretrained model")
+        if run.partial_stages:
             _unbuilt_stage_dirs(c.load, run.source_iteration, run.state.tp, run.state.pp, run.cfg.parallel.pp)
     run.iteration = load_checkpoint(
         c.load, run.chunks, run.optimizer, run.scheduler, run.state, args, full_pp=run.cfg.parallel.pp,
@@ -49,12 +53,12 @@ def load_run(run: TrainingRun) -> int:
     return run.iteration
 
 
-def _copy_file(src: str, dst: str) -> None:
-    """Copy through a temporary name, renamed into place (a reader never sees a torn file)."""
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.copy.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+def _copy_file(src: str, dst: str) -> dict:
+    """Copy through a temporary name renamed into place (a reader never sees a torn file); its digest."""
+    def copy(out):
+        with open(src, "rb") as f:
+            shutil.copyfileobj(f, out, 16 << 20)
+    return atomic_write(dst, copy)
 
 
 def _unbuilt_stage_dirs(load_dir: str, source: tuple[int, bool], tp: int, built_pp: int,
@@ -74,16 +78,33 @@ def _unbuilt_stage_dirs(load_dir: str, source: tuple[int, bool], tp: int, built_
 
 
 def copy_unbuilt_stages(load_dir: str, source: tuple[int, bool], save_dir: str, iteration: int, tp: int,
-                        built_pp: int, full_pp: int) -> int:
+                        built_pp: int, full_pp: int) -> dict[str, dict]:
     """Copy every file of stages ``built_pp .. full_pp - 1`` of checkpoint ``source`` (iteration,
-    release) in ``load_dir`` into iteration ``iteration`` of ``save_dir``; returns the files copied."""
-    copied = 0
+    release) in ``load_dir`` into iteration ``iteration`` of ``save_dir`` (not the temporaries of killed
+    saves); returns their digests by path relative to the new iteration directory (for its manifest)."""
+    copied = {}
+    target = iteration_dir(save_dir, iteration)
     for stage, tp_rank, src in _unbuilt_stage_dirs(load_dir, source, tp, built_pp, full_pp):
         dst = rank_dir(save_dir, iteration, tp_rank, stage, full_pp)
         for name in sorted(os.listdir(src)):
-            _copy_file(os.path.join(src, name), os.path.join(dst, name))
-            copied += 1
+            if not is_temporary(name) and os.path.isfile(os.path.join(src, name)):
+                copied[os.path.relpath(os.path.join(dst, name), target)] = _copy_file(
+                    os.path.join(src, name), os.path.join(dst, name))
     return copied
+
+
+def _digests_in_place(load_dir: str, source: tuple[int, bool], tp: int, built_pp: int,
+                      full_pp: int) -> dict[str, dict]:
+    """Digests of the unbuilt stages' files already in ``source``'s directory (for its new manifest)."""
+    target = iteration_dir(load_dir, *source)
+    out = {}
+    for _, _, src in _unbuilt_stage_dirs(load_dir, source, tp, built_pp, full_pp):
+        for name in sorted(os.listdir(src)):
+            path = os.path.join(src, name)
+            if not is_temporary(name) and os.path.isfile(path):
+                digest, size = sha256_file(path)
+                out[os.path.relpath(path, target)] = {"sha256": digest, "bytes": size}
+    return out
 
 
 def save_run(run: TrainingRun) -> None:
@@ -91,15 +112,16 @@ def save_run(run: TrainingRun) -> None:
     c = run.cfg.checkpoint
     args = run.args
     args.iteration = run.iteration
+    copied = {}
     if run.partial_stages and run.state.rank == 0:
-        if run.source_iteration is None:
-            log.warning("--tune-exit-pipeline-parallel-size %d without a loaded checkpoint: the save at iteration "
-                        "%d holds only the tuned stages", run.state.pp, run.iteration)
-        elif os.path.abspath(c.load) != os.path.abspath(c.save) or run.source_iteration[0] != run.iteration:
-            copy_unbuilt_stages(c.load, run.source_iteration, c.save, run.iteration, run.state.tp, run.state.pp,
-                                run.cfg.parallel.pp)
-    # Rank 0 finishes the copies before it enters save_checkpoint, whose barrier precedes the tracker move.
+        sizes = (run.state.tp, run.state.pp, run.cfg.parallel.pp)
+        source_dir = os.path.abspath(iteration_dir(c.load, *run.source_iteration))
+        if source_dir != os.path.abspath(iteration_dir(c.save, run.iteration)):
+            copied = copy_unbuilt_stages(c.load, run.source_iteration, c.save, run.iteration, *sizes)
+        else:  # saving over the loaded iteration: its unbuilt stages' files are already in place
+            copied = _digests_in_place(c.load, run.source_iteration, *sizes)
+    # Rank 0 finishes the copies before it enters save_checkpoint, whose gather precedes the tracker move.
     save_checkpoint(c.save, run.iteration, run.chunks, run.optimizer, run.scheduler, run.state, args,
                     full_pp=run.cfg.parallel.pp, rng_tracker=run.rng_tracker, save_optim=not c.no_save_optim,
-                    save_rng=not c.no_save_rng)
+                    save_rng=not c.no_save_rng, copied_files=copied)
     run.last_saved = run.iteration

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.arguments import validate_args
+from megatron.checkpoint.model_loader import build_model_chunks
 from megatron.core.distributed.finalize import TiedGroups, late_params
 from megatron.core.distributed.grad_buffer import GradBuffers
 from megatron.core.parallel_state import ParallelState, init_distributed
@@ -154,10 +155,8 @@ def _train_if_all_params_train(module: torch.nn.Module, parent: bool) -> None:
         _train_if_all_params_train(child, module.training)
 
 
-def _build_model(cfg: RunConfig, state: ParallelState, part: Partition, tracker) -> list[EarlyExitGPTModel]:
-    chunks = [EarlyExitGPTModel(cfg.model, cfg.early_exit, state=state, partition=part, chunk=c,
-                                rng_tracker=tracker).to(state.device)
-              for c in range(cfg.parallel.chunks)]
+def _build_model(cfg: RunConfig, state: ParallelState, tracker) -> list[EarlyExitGPTModel]:
+    chunks = build_model_chunks(cfg, state, rng_tracker=tracker)
     if cfg.training.tune_exit:
         _freeze_backbone(chunks)
     set_train_mode(chunks, cfg.training.tune_exit)
@@ -196,7 +195,7 @@ def build_run(args: argparse.Namespace, cfg: RunConfig, state: ParallelState, eo
     """Model, buffers, optimizer, scheduler and schedules of one run (collective: every rank calls it)."""
     tracker = _seed(cfg, state)
     part = cfg.partition()
-    chunks = _build_model(cfg, state, part, tracker)
+    chunks = _build_model(cfg, state, tracker)
     o, p, t = cfg.optimizer, cfg.parallel, cfg.training
     buffers = [GradBuffers(c.parameters(), state.dp_group, state.dp, grad_dtype=o.main_grad_dtype,
                            overlap=p.overlap_grad_reduce, reduce_scatter=o.use_distributed_optimizer,

@@ -14,7 +14,7 @@ import time
 
 import torch.distributed as dist
 
-from megatron.training.checkpoint import load_args_from_checkpoint
+from megatron.checkpoint import load_args_from_checkpoint
 from megatron.training.loop import TrainResult, train
 from megatron.training.resume import load_run
 from megatron.training.setup import attach_data, build_run, initialize

@@ -15,7 +15,7 @@ from megatron.core.distributed.grad_buffer import GradBuffers
 from megatron.core.parallel_state import ParallelDims, ParallelState
 from megatron.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.testing.distributed import DistributedTestError, run_distributed
-from megatron.training.checkpoint import checkpoint_file, load_checkpoint, read_tracker, save_checkpoint
+from megatron.checkpoint import checkpoint_file, load_checkpoint, read_tracker, save_checkpoint
 from megatron.training.signal_handler import DistributedSignalHandler
 
 
@@ -53,7 +53,7 @@ def _save_and_reload(rank, world, tp, pp, root):
 def test_files_per_rank_and_rng_per_dp_rank(tmp_path, tp, pp, dp):
     results = run_distributed(_save_and_reload, tp * pp * dp, tp, pp, str(tmp_path))
     names = sorted(os.listdir(tmp_path / "iter_0000007"))
-    assert names == sorted(f"mp_rank_{t:02d}_{p:03d}" for t in range(tp) for p in range(pp))
+    assert names == sorted([f"mp_rank_{t:02d}_{p:03d}" for t in range(tp) for p in range(pp)] + ["manifest.json"])
     assert read_tracker(str(tmp_path)) == (7, False)
     for it, t, p, rng_ok, weight in results:
         assert it == 7 and rng_ok

@@ -11,8 +11,8 @@ transformers = pytest.importorskip("transformers")
 from megatron.core.parallel_state import ParallelDims, ParallelState  # noqa: E402
 from megatron.model.early_exit_gpt_model import EarlyExitGPTModel  # noqa: E402
 from megatron.testing.distributed import run_distributed  # noqa: E402
-from megatron.training.checkpoint import load_checkpoint  # noqa: E402
-from megatron.training.checkpoint.layout import checkpoint_file, read_file  # noqa: E402
+from megatron.checkpoint import load_checkpoint  # noqa: E402
+from megatron.checkpoint import checkpoint_file, read_file  # noqa: E402
 from megatron.training.config import configs_from_args  # noqa: E402
 from tools.checkpoint import checkpoint_converter, util  # noqa: E402
 from tools.checkpoint.megatron_io import read_megatron  # noqa: E402

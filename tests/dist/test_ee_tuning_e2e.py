@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import torch
 
-from megatron.training.checkpoint.layout import checkpoint_file, read_file
+from megatron.checkpoint import checkpoint_file, read_file
 from megatron.testing.distributed import run_distributed
 from pretrain_early_exit_gpt import main
 from test_training_parity import run_main
@@ -29,7 +29,8 @@ STEPS = 20
 RUN = ["--mock-data", "--use-checkpoint-args", "--finetune", "--pipeline-model-parallel-size", str(PP),
        "--vocab-size", "64", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "8",
        "--lr", "1e-2", "--min-lr", "1e-2", "--log-interval", "1", "--eval-iters", "0", "--num-workers", "0"]
-TUNE = RUN + ["--tune-exit", "--train-iters", str(STEPS), "--save-interval", str(STEPS)]
+TUNE = RUN + ["--tune-exit", "--tune-exit-pipeline-parallel-size", str(PP), "--train-iters", str(STEPS),
+              "--save-interval", str(STEPS)]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megatron.training.checkpoint import read_tracker
+from megatron.checkpoint import read_tracker
 from test_training_parity import tiny_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

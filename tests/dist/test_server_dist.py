@@ -26,7 +26,8 @@ from megatron.text_generation.engine import InferenceEngine
 from megatron.text_generation.generation import generate
 from megatron.text_generation.request import ServerLimits, parse_api_request
 from megatron.text_generation.server import InferenceServer, worker_loop
-from megatron.text_generation.server_launch import build, make_service, model_info, serve, server_args
+from megatron.checkpoint.model_loader import load_inference_model
+from megatron.text_generation.server_launch import make_service, model_info, serve, server_args
 from megatron.testing.distributed import run_distributed
 
 FLAGS = ("--random-weights --num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 64 "
@@ -39,7 +40,7 @@ BODIES = [{"prompts": [f"{i + 3} 5 {7 * i + 2}"], "tokens_to_generate": 4, "use_
 
 def _engine(flags):
     args = server_args(flags)
-    run, state, tokenizer, chunks = build(args)
+    run, state, tokenizer, chunks = load_inference_model(args)
     return args, run, state, InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
 
 

@@ -13,7 +13,8 @@ from megatron.text_generation.engine import InferenceEngine
 from megatron.text_generation.generation import generate
 from megatron.text_generation.request import ServerLimits
 from megatron.text_generation.server import InferenceServer, worker_loop
-from megatron.text_generation.server_launch import build, make_service, model_info, server_args
+from megatron.checkpoint.model_loader import load_inference_model
+from megatron.text_generation.server_launch import make_service, model_info, server_args
 
 FLAGS = ("--random-weights --num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 64 "
          "--max-position-embeddings 64 --exit-layer-nums 1 3 --tokenizer-type NullTokenizer --vocab-size 50 "
@@ -27,7 +28,7 @@ REFERENCE = {"prompts": ["1 2 3 4"], "tokens_to_generate": 5}
 def _fuzz(rank, world, parallel_flags):
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank))
     args = server_args(FLAGS + parallel_flags)
-    run, state, tokenizer, chunks = build(args)
+    run, state, tokenizer, chunks = load_inference_model(args)
     engine = InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
     gen = lambda request: generate(engine, request)  # noqa: E731
     if rank != 0:

@@ -9,7 +9,7 @@ import torch
 
 from megatron.optimizer import MixedPrecisionOptimizer
 from megatron.testing.distributed import DistributedTestError, run_distributed
-from megatron.training.checkpoint import read_tracker
+from megatron.checkpoint import read_tracker
 from pretrain_early_exit_gpt import main
 from test_training_parity import run_main, tiny_argv
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from megatron.training.checkpoint import checkpoint_file, read_tracker
+from megatron.checkpoint import checkpoint_file, read_tracker
 from megatron.testing.distributed import DistributedTestError
 from test_training_parity import run_main, tiny_argv
 
@@ -46,3 +46,40 @@ def test_tune_first_stage_only_trains_exits_and_saves_a_complete_model(tmp_path)
     with pytest.raises(DistributedTestError, match="must hold the whole model"):
         run_main(1, tiny_argv(*SWITCHES, "--tune-exit", "--finetune", tune_exit_pipeline_parallel_size=1,
                               load=base, save=tmp_path / "again", **MODEL))
+
+
+def _consumed(root, iteration, stage):
+    path = checkpoint_file(str(root), iteration, 0, stage, 2)
+    return torch.load(path, weights_only=False)["args"].consumed_train_samples
+
+
+def test_every_stage_resumes_the_tuning_run_progress_after_a_partial_save(tmp_path):
+    """A partial save copies stage 1 from the base run (24 samples consumed) beside the tuned stage 0 (16):
+    resuming the whole model takes the manifest's 16 on both stages, so they read the same data; without a
+    manifest the disagreeing files are refused by name."""
+    base, tuned, resumed = tmp_path / "base", tmp_path / "tuned", tmp_path / "resumed"
+    longer = {**MODEL, "train_iters": 3, "save_interval": 3}
+    run_main(2, tiny_argv(*SWITCHES, save=base, **longer))
+    run_main(1, tiny_argv(*SWITCHES, "--tune-exit", "--finetune", tune_exit_pipeline_parallel_size=1, load=base,
+                          save=tuned, **MODEL))
+    assert (_consumed(tuned, 2, 0), _consumed(tuned, 2, 1)) == (16, 24)  # stage 1 is the base run's file
+    # Continue training the whole model from the tuned checkpoint (a fresh optimizer: the tuned stage's
+    # holds only exit parameters).
+    resume = tiny_argv(*SWITCHES, "--no-load-optim", load=tuned, save=resumed, **longer)
+    run_main(2, resume)
+    assert (_consumed(resumed, 3, 0), _consumed(resumed, 3, 1)) == (24, 24)  # 16 + one global batch, both
+
+    os.remove(tuned / "iter_0000002" / "manifest.json")  # as an older version wrote it
+    with pytest.raises(DistributedTestError, match=r"files disagree on the consumed samples \(.*mp_rank_00_000.*: "
+                                                   r"16 train.*mp_rank_00_001.*: 24 train.*--finetune"):
+        run_main(2, resume)
+
+
+def test_tuning_needs_a_checkpoint_in_load(tmp_path):
+    """--tune-exit with a --load that holds nothing is refused (the exits would learn a random backbone),
+    also without --exit-on-missing-checkpoint."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DistributedTestError, match=r"--load .*empty has no latest_checkpointed_iteration.txt, and "
+                                                   r"--tune-exit tunes the exits of a pretrained model"):
+        run_main(1, tiny_argv(*SWITCHES, "--tune-exit", tune_exit_pipeline_parallel_size=1, load=tmp_path / "empty",
+                              **MODEL))

@@ -151,7 +151,7 @@ def test_valid_variants_pass():
         ["--exit-layer-nums", "3", "--num-layers-per-virtual-pipeline-stage", "1"] + PP4,  # exits with vpp
         ["--exit-layer-nums", "8"] + PP4,  # an exit on the last stage
         ["--exit-layer-nums", "2", "--pre-exit", "--use-exit-norm", "--use-exit-block"],
-        TUNE + PP4 + ["--tune-exit-pipeline-parallel-size", "1"],
+        TUNE + PP4 + ["--tune-exit-pipeline-parallel-size", "1", "--load", "/ckpt"],
     ]
     worlds = [1, 4, 4, 1, 4]
     for flags, world in zip(ok, worlds):

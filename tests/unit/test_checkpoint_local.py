@@ -14,7 +14,7 @@ import torch
 
 from megatron.core.parallel_state import ParallelDims, ParallelState
 from megatron.core.tensor_parallel.random import model_parallel_seed
-from megatron.training.checkpoint import (
+from megatron.checkpoint import (
     CheckpointError,
     checkpoint_file,
     load_args_from_checkpoint,

@@ -10,7 +10,7 @@ import torch
 
 from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
 from megatron.model.state_dict_sharding import full_state_dict_specs
-from megatron.training.checkpoint.layout import checkpoint_file, read_file
+from megatron.checkpoint import checkpoint_file, read_file
 from tools.checkpoint import checkpoint_converter
 from tools.checkpoint.cli import save_megatron
 from tools.checkpoint.megatron_io import Layout, ModelCheckpoint, read_megatron

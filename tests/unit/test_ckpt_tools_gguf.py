@@ -10,7 +10,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 from megatron.tokenizer.huggingface import HuggingFaceTokenizer  # noqa: E402
-from megatron.training.checkpoint.layout import read_file  # noqa: E402
+from megatron.checkpoint import read_file  # noqa: E402
 from tools.checkpoint import util  # noqa: E402
 from tools.checkpoint.gguf_io import permute_rotary, unpermute_rotary  # noqa: E402
 from tools.checkpoint.megatron_io import read_megatron  # noqa: E402

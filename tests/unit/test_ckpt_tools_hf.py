@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from megatron.training.checkpoint.layout import read_file  # noqa: E402
+from megatron.checkpoint import read_file  # noqa: E402
 from tools.checkpoint import checkpoint_converter, util  # noqa: E402
 from tools.checkpoint.hf_io import EXIT_HEADS_FILE, EXIT_HEADS_JSON, read_hf_state_dict  # noqa: E402
 from tools.checkpoint.megatron_io import read_megatron  # noqa: E402

@@ -14,8 +14,8 @@ from megatron.core.parallel_state import ParallelState
 from megatron.model.early_exit_gpt_model import EarlyExitGPTModel
 from megatron.model.partition import partition
 from megatron.model.state_dict_sharding import full_state_dict_specs, shard_state_dict
-from megatron.training.checkpoint import CheckpointError, load_checkpoint
-from megatron.training.checkpoint.layout import checkpoint_file, read_file
+from megatron.checkpoint import CheckpointError, load_checkpoint
+from megatron.checkpoint import checkpoint_file, read_file
 from tools.checkpoint import util
 from tools.checkpoint.cli import run_cli, save_megatron
 from tools.checkpoint.megatron_io import Layout, ModelCheckpoint, read_megatron
@@ -161,6 +161,7 @@ def test_ee_llm_nested_model_dicts_foreign_classes_and_release_are_read(tmp_path
         ckpt["model"] = nested
         ckpt["args"].model_type = ModelType.encoder_or_decoder
         torch.save(ckpt, path)
+    os.remove(tmp_path / "a" / "release" / "manifest.json")  # the files now are as EE-LLM writes them: unlisted
     monkeypatch.delitem(sys.modules, "megatron.core.enums")
     with pytest.raises(Exception, match="megatron.core.enums"):
         torch.load(path, weights_only=False)
@@ -190,3 +191,28 @@ def test_bad_inputs_are_refused_with_the_flag(tmp_path, capsys):
             "--save-dir", str(tmp_path / "c"), "--load-iteration", "1"]
     assert run_cli(util.main, argv) == 2
     assert "mp_rank_01_001/model_optim_rng.pt is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--target-tensor-parallel-size", "--target-pipeline-parallel-size",
+                                  "--target-num-layers-per-virtual-pipeline-stage", "--make-vocab-size-divisible-by"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_non_positive_sizes_are_refused_naming_the_flag(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as stop:
+        reshard(str(tmp_path / "a"), str(tmp_path / "b"), 1, 1, flag, value)
+    assert stop.value.code == 2
+    assert f"argument {flag}: must be a positive integer, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_save_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    cfg, ee = gpt_cfg(), VARIANTS[3][2]
+    save_megatron(str(tmp_path / "a"), ModelCheckpoint(random_full(cfg, ee), cfg, ee), Layout(1, 1))
+    (tmp_path / "file").write_text("not a directory")
+    for save_dir in (tmp_path / "file", tmp_path / "file" / "sub"):
+        argv = ["--model-type", "GPT", "--loader", "megatron", "--saver", "megatron", "--load-dir", str(tmp_path / "a"),
+                "--save-dir", str(save_dir)]
+        assert run_cli(util.main, argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --save-dir {save_dir} ") and "a file, not a directory" in err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "not a directory"

@@ -14,7 +14,7 @@ from megatron.cli_errors import DEBUG_ENV, run_cli
 from megatron.config import ConfigError
 from megatron.data.indexed_dataset import write_dataset
 from megatron.model.state_dict_sharding import StateDictError
-from megatron.training.checkpoint import CheckpointError
+from megatron.checkpoint import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -7,9 +7,10 @@ import torch
 
 from megatron.config import ConfigError
 from megatron.core.parallel_state import ParallelState
+from megatron.checkpoint import save_checkpoint
+from megatron.checkpoint.model_loader import load_inference_model
 from megatron.text_generation.request import ServerLimits
-from megatron.text_generation.server_launch import build, model_info, server_args, server_limits
-from megatron.training.checkpoint import save_checkpoint
+from megatron.text_generation.server_launch import model_info, server_args, server_limits
 
 SHAPE = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
          "--exit-layer-nums 2 --device cpu").split()
@@ -35,7 +36,7 @@ def test_world_must_be_one_replica(monkeypatch):
 
 def test_random_weights_build():
     args = server_args(SHAPE + TOKENIZER + ["--random-weights", "--sequence-parallel"])
-    run, state, tokenizer, chunks = build(args)
+    run, state, tokenizer, chunks = load_inference_model(args)
     assert len(chunks) == 1 and not chunks[0].training and not args.sequence_parallel
     info = model_info(args, run)
     assert (info.name, info.num_layers, info.exit_layers, info.pp) == ("random-weights", 4, [2], 1)
@@ -44,15 +45,15 @@ def test_random_weights_build():
 
 def test_checkpoint_loaded_with_its_args(tmp_path):
     saved_args = server_args(SHAPE + TOKENIZER + ["--random-weights", "--seed", "7"])
-    run, state, _, (saved,) = build(saved_args)
+    run, state, _, (saved,) = load_inference_model(saved_args)
     save_checkpoint(str(tmp_path), 3, [saved], None, None, ParallelState.single(), saved_args, save_optim=False,
                     save_rng=False)
     # No model-shape flags: they come from the checkpoint; the default seed would give other weights.
     args = server_args(["--load", str(tmp_path), "--use-checkpoint-args", "--device", "cpu"] + TOKENIZER)
-    run, _, _, (loaded,) = build(args)
+    run, _, _, (loaded,) = load_inference_model(args)
     assert run.model.num_layers == 4 and run.early_exit.exit_layer_nums == [2]
     expected = saved.state_dict()
-    _, _, _, (fresh,) = build(server_args(SHAPE + TOKENIZER + ["--random-weights"]))
+    _, _, _, (fresh,) = load_inference_model(server_args(SHAPE + TOKENIZER + ["--random-weights"]))
     assert any(not torch.equal(v, expected[k]) for k, v in fresh.state_dict().items())
     for key, value in loaded.state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)

@@ -14,7 +14,8 @@ import torch
 from megatron.text_generation.engine import InferenceEngine
 from megatron.text_generation.generation import generate
 from megatron.text_generation.server import InferenceServer
-from megatron.text_generation.server_launch import build, make_service, model_info, server_args
+from megatron.checkpoint.model_loader import load_inference_model
+from megatron.text_generation.server_launch import make_service, model_info, server_args
 from tools import request_client, text_generation_cli
 
 FLAGS = ("--random-weights --num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 64 "
@@ -28,7 +29,7 @@ def served():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     args = server_args(FLAGS)
-    run, state, tokenizer, chunks = build(args)
+    run, state, tokenizer, chunks = load_inference_model(args)
     engine = InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
     service = make_service(lambda r: generate(engine, r), state, model_info(args, run, tokenizer))
     srv = InferenceServer(service, port=0).start()

@@ -24,7 +24,8 @@ pytest.importorskip("accelerate", reason="transformers reads GGUF files only wit
 from megatron.text_generation.engine import InferenceEngine  # noqa: E402
 from megatron.text_generation.generation import generate  # noqa: E402
 from megatron.text_generation.request import GenerationRequest, SamplingParams  # noqa: E402
-from megatron.text_generation.server_launch import build, server_args  # noqa: E402
+from megatron.checkpoint.model_loader import load_inference_model  # noqa: E402
+from megatron.text_generation.server_launch import server_args  # noqa: E402
 from tools.checkpoint import util  # noqa: E402
 from tools.checkpoint.megatron_io import read_megatron  # noqa: E402
 from tools.checkpoint.verify import full_logits  # noqa: E402
@@ -76,7 +77,7 @@ def engine(converted):
     tokenizer path is given: the converter wrote the GGUF's tokenizer under <save-dir>/tokenizer)."""
     flags = ["--load", converted, "--use-checkpoint-args", "--device", "cpu",
              "--tokenizer-model", os.path.join(converted, "tokenizer")]
-    run, state, tokenizer, chunks = build(server_args(flags))
+    run, state, tokenizer, chunks = load_inference_model(server_args(flags))
     return InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
 
 

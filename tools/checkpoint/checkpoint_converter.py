@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from megatron.config import ConfigError  # noqa: E402
-from tools.checkpoint.cli import add_io_args, run_cli, save_megatron  # noqa: E402
+from tools.checkpoint.cli import add_io_args, check_save_dir, run_cli, save_megatron  # noqa: E402
 from tools.checkpoint.exits import AddExitRequest, add_exits, move_exits  # noqa: E402
 from tools.checkpoint.megatron_io import read_megatron  # noqa: E402
 
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    check_save_dir(args.save_dir)
     ckpt = read_megatron(args.load_dir, args.load_iteration)
     if args.conversion_type == "add-exit":
         if args.init_method_std <= 0:

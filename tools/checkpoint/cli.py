@@ -8,21 +8,52 @@ import logging
 import os
 
 from megatron import cli_errors
+from megatron.config import ConfigError
 
 from .megatron_io import Layout, ModelCheckpoint, build_args, update_args, write_megatron
 
-__all__ = ["add_io_args", "save_megatron", "run_cli", "TOKENIZER_DIR"]
+__all__ = ["add_io_args", "positive_int", "check_save_dir", "save_megatron", "run_cli", "TOKENIZER_DIR"]
 
 # Tokenizer files rebuilt from a GGUF file go here, inside the saved checkpoint directory.
 TOKENIZER_DIR = "tokenizer"
 
 
+def _int_at_least(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a size flag: an integer >= 1 (argparse names the flag in its error)."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def _iteration(text: str) -> int:
+    return _int_at_least(text, 0, "an iteration >= 0 (0: the tracker's)")
+
+
 def add_io_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-dir", required=True, help="Directory (or GGUF file) to read.")
     parser.add_argument("--save-dir", required=True, help="Directory to write (must not hold the same iteration).")
-    parser.add_argument("--load-iteration", type=int, default=0,
+    parser.add_argument("--load-iteration", type=_iteration, default=0,
                         help="Iteration of a Megatron checkpoint to read; 0: latest_checkpointed_iteration.txt.")
     parser.add_argument("--megatron-path", default=None, help="Accepted for EE-LLM scripts; not needed here.")
+
+
+def check_save_dir(save_dir: str) -> None:
+    """Refuse a ``--save-dir`` that cannot become a directory, before any work (its nearest existing
+    ancestor must be a directory)."""
+    path = os.path.abspath(save_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        what = "is a file" if path == os.path.abspath(save_dir) else f"lies under {path}, which is a file"
+        raise ConfigError(f"--save-dir {save_dir} {what}, not a directory; choose a directory to write to")
 
 
 def save_megatron(save_dir: str, ckpt: ModelCheckpoint, layout: Layout) -> None:

@@ -19,9 +19,9 @@ import json
 import numpy as np
 import torch
 
+from megatron.checkpoint.layout import CheckpointError
 from megatron.config import EarlyExitConfig
 from megatron.model.hf_convert import config_from_hf, full_from_hf
-from megatron.training.checkpoint.layout import CheckpointError
 
 from .megatron_io import ModelCheckpoint
 

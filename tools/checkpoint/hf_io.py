@@ -27,9 +27,9 @@ import shutil
 
 import torch
 
+from megatron.checkpoint.layout import CheckpointError
 from megatron.config import EarlyExitConfig
 from megatron.model.hf_convert import config_from_hf, full_from_hf, hf_config_from, hf_from_full
-from megatron.training.checkpoint.layout import CheckpointError
 
 from .megatron_io import ModelCheckpoint
 

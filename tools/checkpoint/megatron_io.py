@@ -2,8 +2,9 @@
 
 Reading takes every ``mp_rank_*`` file of one iteration, flattens Megatron's nested ``model`` dicts
 (``{'language_model': {'encoder': {...}}}`` in EE-LLM / legacy Megatron, flat in ours) to the dotted key
-names of reference 6.3, and merges the ranks with :func:`merge_state_dicts` (which checks every key, shape
-and tied copy). The model and exit configuration come from the stored ``args``.
+names with the reader training's ``--load`` uses (``megatron/checkpoint/model_dicts.py``), and merges the
+ranks with :func:`merge_state_dicts` (which checks every key, shape and tied copy). The model and exit
+configuration come from the stored ``args``.
 
 Writing cuts the FULL dict for any (tp, pp, vpp, layers per stage) with :func:`shard_state_dict` and
 writes model-only files (``args``, ``checkpoint_version``, ``iteration``, ``model`` / ``model<i>``), the
@@ -21,25 +22,23 @@ from typing import Mapping
 
 import torch
 
-from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
-from megatron.model.partition import Partition, partition
-from megatron.model.state_dict_sharding import merge_state_dicts, shard_state_dict
-from megatron.training.checkpoint.layout import (
-    TRACKER_FILE,
+from megatron.checkpoint.foreign_pickle import ForeignObject
+from megatron.checkpoint.layout import (
     CheckpointError,
     atomic_save,
     checkpoint_file,
     iteration_dir,
     list_iterations,
-    read_tracker,
     saved_mp_ranks,
     write_tracker,
 )
-from megatron.training.checkpoint.load import resolve_iteration
-from megatron.training.checkpoint.save import CHECKPOINT_VERSION, model_keys
-
-from megatron.training.checkpoint.foreign_pickle import ForeignObject
-from megatron.training.checkpoint.layout import read_file
+from megatron.checkpoint.load import resolve_iteration
+from megatron.checkpoint.manifest import read_file, write_manifest
+from megatron.checkpoint.model_dicts import model_dicts
+from megatron.checkpoint.save import CHECKPOINT_VERSION, model_keys, progress_of
+from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
+from megatron.model.partition import Partition, partition
+from megatron.model.state_dict_sharding import merge_state_dicts, shard_state_dict
 
 __all__ = [
     "Layout", "ModelCheckpoint", "configs_from_checkpoint_args", "layout_from_args", "build_args",
@@ -162,35 +161,13 @@ def build_args(cfg: ModelConfig, ee: EarlyExitConfig, layout: Layout, tokenizer:
 
 # ------------------------------------------------------------------------------------------------- read
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Megatron's nested ``state_dict_for_save_checkpoint`` output -> dotted keys (flat dicts pass through)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        elif isinstance(value, torch.Tensor):
-            out[f"{prefix}{key}"] = value
-        elif value is not None:
-            raise CheckpointError(f"model entry {prefix}{key} is a {type(value).__name__}, not a tensor")
-    return out
-
-
-def _model_dicts(ckpt: dict, path: str, vpp: int) -> list[dict[str, torch.Tensor]]:
-    keys = model_keys(vpp)
-    missing = [k for k in keys if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} has no {missing} entries; its args say {vpp} virtual chunk(s) per stage")
-    return [_flatten(ckpt[k]) for k in keys]
-
-
 def read_megatron(load_dir: str, load_iteration: int = 0) -> ModelCheckpoint:
     """Every rank file of one iteration (``load_iteration`` 0: the tracker's) merged into the FULL dict."""
     if not os.path.isdir(load_dir):
-        raise CheckpointError(f"--load-dir {load_dir} does not exist")
-    if load_iteration == 0 and read_tracker(load_dir) is None:
-        raise CheckpointError(f"--load-dir {load_dir} has no {TRACKER_FILE}; name the iteration with "
-                              f"--load-iteration N (iterations found: {list_iterations(load_dir)})")
-    iteration, release = resolve_iteration(load_dir, load_iteration)
+        what = "is a file, not a checkpoint directory" if os.path.exists(load_dir) else "does not exist"
+        raise CheckpointError(f"--load-dir {load_dir} {what}")
+    iteration, release = resolve_iteration(load_dir, load_iteration, required="the converter needs a checkpoint",
+                                           flag="--load-dir")
     first = _first_file(load_dir, iteration, release)
     cache = {first: read_file(first)}
     args = cache[first].get("args")
@@ -209,7 +186,8 @@ def read_megatron(load_dir: str, load_iteration: int = 0) -> ModelCheckpoint:
                     "file is needed (an EE-LLM partial EE-Tuning save holds only the tuned stages; convert the "
                     "complete model)")
             ckpt = cache.pop(path, None) or read_file(path)
-            for chunk, sd in enumerate(_model_dicts(ckpt, path, layout.vpp)):
+            hint = f"its args say {layout.vpp} virtual chunk(s) per stage"
+            for chunk, sd in enumerate(model_dicts(ckpt, path, layout.vpp, hint)):
                 per_rank[tp_rank, stage, chunk] = sd
     full = merge_state_dicts(per_rank, cfg, layout.tp, part, ee)
     tokenizer = {k: getattr(args, k) for k in ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")
@@ -238,7 +216,8 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 def write_megatron(save_dir: str, ckpt: ModelCheckpoint, layout: Layout, args: argparse.Namespace) -> None:
     """Write ``ckpt.full`` cut as ``layout`` under ``save_dir`` at ``ckpt.iteration`` (or ``release``),
-    with ``args`` (already describing the model and layout) in every file; the tracker goes last."""
+    with ``args`` (already describing the model and layout) in every file; the manifest (checksums) and the
+    tracker go last."""
     cfg, ee = ckpt.model, ckpt.ee
     part = layout.partition(cfg, ee)
     try:  # every size check of the cut, before the first file is written
@@ -249,11 +228,14 @@ def write_megatron(save_dir: str, ckpt: ModelCheckpoint, layout: Layout, args: a
     if os.path.exists(target):
         raise CheckpointError(f"--save-dir {save_dir} already holds {os.path.basename(target)}; choose a new "
                               "directory (stale rank files of another layout would mix with the new ones)")
+    digests = {}
     for stage in range(layout.pp):
         for tp_rank in range(layout.tp):
             entry = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": ckpt.iteration}
             for chunk, key in enumerate(model_keys(layout.vpp)):
                 sd = shard_state_dict(ckpt.full, cfg, layout.tp, tp_rank, part, stage, chunk, ee)
                 entry[key] = {k: _compact(v) for k, v in sd.items()}
-            atomic_save(entry, checkpoint_file(save_dir, ckpt.iteration, tp_rank, stage, layout.pp, ckpt.release))
+            path = checkpoint_file(save_dir, ckpt.iteration, tp_rank, stage, layout.pp, ckpt.release)
+            digests[os.path.relpath(path, target)] = atomic_save(entry, path)
+    write_manifest(target, digests, progress_of(args))
     write_tracker(save_dir, "release" if ckpt.release else ckpt.iteration)

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from megatron.config import ConfigError  # noqa: E402
-from tools.checkpoint.cli import add_io_args, run_cli, save_megatron  # noqa: E402
+from tools.checkpoint.cli import add_io_args, check_save_dir, positive_int, run_cli, save_megatron  # noqa: E402
 from tools.checkpoint.megatron_io import Layout, ModelCheckpoint, read_megatron  # noqa: E402
 
 LOADERS = ("megatron", "llama2_hf", "llama_hf", "gpt2_hf", "gguf")
@@ -42,18 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loader", required=True, choices=LOADERS)
     parser.add_argument("--saver", required=True, choices=SAVERS)
     add_io_args(parser)
-    parser.add_argument("--target-tensor-parallel-size", type=int, default=None,
+    parser.add_argument("--target-tensor-parallel-size", type=positive_int, default=None,
                         help="Default: the source's (1 for HF / GGUF sources).")
-    parser.add_argument("--target-pipeline-parallel-size", type=int, default=None,
+    parser.add_argument("--target-pipeline-parallel-size", type=positive_int, default=None,
                         help="Default: the source's (1 for HF / GGUF sources).")
-    parser.add_argument("--target-layers-per-stage", type=int, nargs="+", default=None,
+    parser.add_argument("--target-layers-per-stage", type=positive_int, nargs="+", default=None,
                         help="Uneven stage split (ours); default: the source's at the same pipeline size, else even.")
-    parser.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=int, default=None,
+    parser.add_argument("--target-num-layers-per-virtual-pipeline-stage", type=positive_int, default=None,
                         help="Interleaved chunks (ours); default: the source's at the same pipeline size, else none.")
     parser.add_argument("--tokenizer-model", default=None,
                         help="Tokenizer to record in the saved args (a SentencePiece .model, or tokenizer.json / "
                              "an HF directory); default: the source's.")
-    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=1,
+    parser.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=1,
                         help="HF / GGUF imports: pad the vocab to a multiple of this x target tp (1: only as tp "
                              "needs, as EE-LLM's Llama loader).")
     return parser
@@ -70,7 +70,7 @@ def _target_layout(args, ckpt: ModelCheckpoint) -> Layout:
         vpp = src.vpp if same_pp else 1
     else:
         counts = split or [ckpt.model.num_layers // pp]
-        if per_chunk < 1 or any(c % per_chunk for c in counts) or len({c // per_chunk for c in counts}) != 1:
+        if any(c % per_chunk for c in counts) or len({c // per_chunk for c in counts}) != 1:
             raise ConfigError(f"--target-num-layers-per-virtual-pipeline-stage {per_chunk} must divide every stage's "
                               f"layer count {sorted(set(counts))} into the same number of chunks")
         vpp = counts[0] // per_chunk
@@ -102,6 +102,7 @@ def load(args) -> ModelCheckpoint:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    check_save_dir(args.save_dir)
     ckpt = load(args)
     if args.saver == "hf":
         from tools.checkpoint.hf_io import save_hf

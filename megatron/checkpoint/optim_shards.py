@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron.training.checkpoint.layout import CheckpointError
+from megatron.checkpoint.layout import CheckpointError
 
 __all__ = ["to_cpu", "gather_shards", "reshard"]
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.training.checkpoint.layout import CheckpointError
+from megatron.checkpoint.layout import CheckpointError
 
 __all__ = ["capture_rng_states", "gather_rng_states", "restore_rng_states"]
 
@@ -69,3 +69,7 @@ def restore_rng_states(saved: list[dict] | dict, dp_rank: int, rng_tracker, path
             rng_tracker.set_states(state["rng_tracker_states"])
     except KeyError as e:
         raise CheckpointError(f"{path} has no {e.args[0]} in its rng_state; resume with --no-load-rng") from None
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+        # e.g. EE-LLM's tracker holds one CUDA generator state per stream, ours a {device: state} dict.
+        raise CheckpointError(f"{path} holds RNG states this run cannot restore ({type(e).__name__}: {e}; written "
+                              "by another program or on another device?); resume with --no-load-rng") from None

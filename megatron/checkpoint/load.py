@@ -13,26 +13,29 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron.core.parallel_state import ParallelState
-from megatron.training.checkpoint.layout import (
+from megatron.checkpoint.layout import (
     DISTRIB_OPTIM_FILE,
+    TRACKER_FILE,
     CheckpointError,
     checkpoint_file,
     iteration_dir,
     list_iterations,
-    read_file,
     read_tracker,
     saved_mp_ranks,
 )
-from megatron.training.checkpoint.optim_shards import reshard
-from megatron.training.checkpoint.rng import restore_rng_states
-from megatron.training.checkpoint.save import (
+from megatron.checkpoint.manifest import read_file, read_manifest
+from megatron.checkpoint.model_dicts import fit_to_model, model_dicts
+from megatron.checkpoint.optim_shards import reshard
+from megatron.checkpoint.rng import restore_rng_states
+from megatron.checkpoint.save import (
     CHECKPOINT_VERSION,
+    PROGRESS_FIELDS,
     barrier,
     model_keys,
     resolve_full_pp,
     uses_distributed_optimizer,
 )
+from megatron.core.parallel_state import ParallelState
 
 __all__ = ["load_checkpoint", "load_args_from_checkpoint", "resolve_iteration", "RESTORED_ARGS"]
 
@@ -60,11 +63,15 @@ RESTORED_ARGS: tuple[tuple[str, bool], ...] = (
 _RESHARD_TOOL = "tools/checkpoint/util.py"
 
 
-def resolve_iteration(load_dir: str, load_iteration: int = 0,
-                      exit_on_missing_checkpoint: bool = False) -> tuple[int, bool] | None:
+def resolve_iteration(load_dir: str, load_iteration: int = 0, exit_on_missing_checkpoint: bool = False, *,
+                      required: str | None = None, flag: str = "--load") -> tuple[int, bool] | None:
     """``(iteration, release)`` to load, or ``None`` when there is nothing (and that is allowed).
 
-    ``load_iteration != 0`` skips the tracker (``--load-iteration``) and must name an existing iteration."""
+    ``load_iteration != 0`` skips the tracker (``--load-iteration``) and must name an existing iteration.
+    Without a tracker, ``iter_*`` directories are refused by name (an interrupted first save, or a copied
+    directory: starting from scratch would silently drop them). ``required``: why a checkpoint must exist
+    (then a missing one is an error; ``exit_on_missing_checkpoint`` is that with the flag as the reason).
+    ``flag``: the option naming ``load_dir`` in messages."""
     if load_iteration:
         if not os.path.isdir(iteration_dir(load_dir, load_iteration)):
             raise CheckpointError(f"--load-iteration {load_iteration}: {iteration_dir(load_dir, load_iteration)} "
@@ -72,15 +79,22 @@ def resolve_iteration(load_dir: str, load_iteration: int = 0,
         return load_iteration, False
     found = read_tracker(load_dir)
     if found is None:
-        what = "does not exist" if not os.path.isdir(load_dir) else "has no latest_checkpointed_iteration.txt"
-        if exit_on_missing_checkpoint:
-            raise CheckpointError(f"--load {load_dir} {what} and --exit-on-missing-checkpoint is set; point --load at "
-                                  "a checkpoint directory or drop the flag to start from scratch")
-        log.warning("--load %s %s; starting from scratch", load_dir, what)
+        iterations = list_iterations(load_dir)
+        if iterations:
+            raise CheckpointError(f"{flag} {load_dir} has no {TRACKER_FILE}; name the iteration with --load-iteration "
+                                  f"N (iterations found: {iterations}; a save killed before its first tracker "
+                                  "leaves such a directory: delete it to start from scratch)")
+        what = "does not exist" if not os.path.isdir(load_dir) else f"has no {TRACKER_FILE}"
+        if exit_on_missing_checkpoint and required is None:
+            required = "--exit-on-missing-checkpoint is set"
+        if required is not None:
+            raise CheckpointError(f"{flag} {load_dir} {what}, and {required}; point {flag} at a checkpoint "
+                                  "directory")
+        log.warning("%s %s %s; starting from scratch", flag, load_dir, what)
         return None
     iteration, release = found
     if not os.path.isdir(iteration_dir(load_dir, iteration, release)):
-        raise CheckpointError(f"{load_dir}/latest_checkpointed_iteration.txt points at "
+        raise CheckpointError(f"{load_dir}/{TRACKER_FILE} points at "
                               f"{iteration_dir(load_dir, iteration, release)}, which does not exist; choose "
                               f"another with --load-iteration N (found: {list_iterations(load_dir)})")
     return iteration, release
@@ -141,14 +155,11 @@ def _read_rank_file(load_dir: str, iteration: int, release: bool, state: Paralle
 
 
 def _load_model(ckpt: dict, path: str, chunks: list, strict: bool) -> None:
-    keys = model_keys(len(chunks))
-    saved = sorted(k for k in ckpt if k == "model" or (k.startswith("model") and k[5:].isdigit()))
-    if saved != sorted(keys):
-        raise CheckpointError(f"{path} holds model chunks {saved} but this run builds {keys}; use the same "
-                              "--num-layers-per-virtual-pipeline-stage as the saving run")
-    for key, chunk in zip(keys, chunks):
+    dicts = model_dicts(ckpt, path, len(chunks), "use the same --num-layers-per-virtual-pipeline-stage as the "
+                                                 "saving run")
+    for key, chunk, sd in zip(model_keys(len(chunks)), chunks, dicts):
         try:
-            chunk.load_state_dict(ckpt[key], strict=strict)
+            chunk.load_state_dict(fit_to_model(sd, set(chunk.state_dict())), strict=strict)
         except RuntimeError as e:
             raise CheckpointError(f"{path} [{key}] does not fit this model: {e}") from None
 
@@ -181,19 +192,54 @@ def _load_optimizer(ckpt: dict, path: str, optimizer, scheduler, state: Parallel
         if saved_distributed:
             _load_distributed_optimizer(optimizer, os.path.join(os.path.dirname(path), DISTRIB_OPTIM_FILE), state)
         else:
-            optimizer.load_state_dict(saved)
+            try:
+                optimizer.load_state_dict(saved)
+            except (KeyError, TypeError) as e:
+                # Another program's optimizer state (EE-LLM / Megatron-LM keep apex's, in their own order).
+                raise CheckpointError(
+                    f"{path} holds an optimizer state this optimizer cannot read (no {e}; written by EE-LLM or "
+                    "Megatron-LM?); load the model weights only with --finetune, or keep the iteration with "
+                    "--no-load-optim") from None
     if scheduler is not None:
         if "opt_param_scheduler" not in ckpt:
             raise CheckpointError(f"{path} holds no opt_param_scheduler state; load it with --no-load-optim")
         scheduler.load_state_dict(ckpt["opt_param_scheduler"])
 
 
-def _restore_progress(ckpt: dict, args) -> None:
-    """Consumed samples and FLOPs so far, as Megatron keeps them (on ``args``)."""
-    saved_args = ckpt.get("args")
-    for name in ("consumed_train_samples", "consumed_valid_samples"):
-        setattr(args, name, getattr(saved_args, name, 0))
-    args.num_floating_point_operations_so_far = ckpt.get("num_floating_point_operations_so_far", 0)
+def _files_disagree(values: tuple, path: str) -> list[tuple]:
+    """Every rank's (values, path); the distinct values with one file each when they are not all equal."""
+    if not dist.is_initialized():
+        return []
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (values, path))
+    first_file: dict[tuple, str] = {}
+    for v, p in every:
+        first_file.setdefault(v, p)
+    return sorted(first_file.items()) if len(first_file) > 1 else []
+
+
+def _restore_progress(ckpt: dict, path: str, manifest: dict | None, args) -> None:
+    """Consumed samples and FLOPs so far onto ``args`` (as Megatron keeps them), the same on every rank.
+
+    The iteration's manifest holds the one authoritative value (written by the run that saved it; the files
+    of stages a partial EE-Tuning save copied carry the counters of the run they came from). Without one
+    (older checkpoints, EE-LLM's), each rank reads its own file and the ranks must agree (collective), else
+    the stages would pair different data."""
+    if manifest is not None and "progress" in manifest:
+        values = {name: manifest["progress"].get(name, 0) for name in PROGRESS_FIELDS}
+    else:
+        saved_args = ckpt.get("args")
+        values = {name: getattr(saved_args, name, 0) for name in PROGRESS_FIELDS[:2]}
+        values[PROGRESS_FIELDS[2]] = ckpt.get(PROGRESS_FIELDS[2], 0)
+        differ = _files_disagree((values["consumed_train_samples"], values["consumed_valid_samples"]), path)
+        if differ:
+            listed = "; ".join(f"{p}: {train} train / {valid} valid" for (train, valid), p in differ)
+            raise CheckpointError(
+                f"the checkpoint's files disagree on the consumed samples ({listed}), so the pipeline stages would "
+                "read different data (a partial EE-Tuning save by an older version copies the stages it did not "
+                "build with their own counters); load the weights with --finetune, or restore the files of one run")
+    for name, value in values.items():
+        setattr(args, name, value)
 
 
 def load_checkpoint(load_dir: str, model_chunks, optimizer, scheduler, state: ParallelState, args, *,
@@ -217,7 +263,7 @@ def load_checkpoint(load_dir: str, model_chunks, optimizer, scheduler, state: Pa
     _load_model(ckpt, path, list(model_chunks), strict)
     model_only = release or finetune
     if not finetune:
-        _restore_progress(ckpt, args)
+        _restore_progress(ckpt, path, read_manifest(iteration_dir(load_dir, iteration, release)), args)
     if not model_only and not no_load_optim:
         _load_optimizer(ckpt, path, optimizer, scheduler, state, args)
     elif optimizer is not None and hasattr(optimizer, "reload_model_params"):
