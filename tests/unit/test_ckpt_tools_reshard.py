@@ -213,6 +213,6 @@ def test_save_dir_that_is_a_file_is_one_line(tmp_path, capsys):
                 "--save-dir", str(save_dir)]
         assert run_cli(util.main, argv) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: --save-dir {save_dir} ") and "a file, not a directory" in err
+        assert f": error: --save-dir {save_dir} " in err and "a file, not a directory" in err
         assert err.count("\n") == 1 and "Traceback" not in err
     assert (tmp_path / "file").read_text() == "not a directory"
