@@ -190,3 +190,40 @@ def test_checkpoint_recompute_is_bitwise_equal_with_dropout():
         assert torch.equal(a, b)
     assert torch.equal(plain[4][0], ckpt[4][0]), "backward recompute must not disturb the default stream"
     assert torch.equal(plain[4][1][tpl.MODEL_PARALLEL_RNG]["cpu"], ckpt[4][1][tpl.MODEL_PARALLEL_RNG]["cpu"])
+
+
+class _FakeCuda:
+    """Stands in for the CUDA default generator on a CPU-only machine (a CPU generator behind
+    torch.cuda's state functions), so the tracker's bookkeeping of device states can be checked here."""
+
+    def __init__(self, monkeypatch, in_use: bool):
+        self.gen = torch.Generator().manual_seed(99)
+        self.in_use = in_use
+        from megatron.core.tensor_parallel import random as rnd
+
+        monkeypatch.setattr(rnd, "_cuda_in_use", lambda: self.in_use)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.gen.get_state())
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": self.gen.set_state(state))
+        monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: self.gen.manual_seed(seed))
+
+    def draw(self) -> torch.Tensor:
+        return torch.rand(4, generator=self.gen)
+
+
+@pytest.mark.parametrize("cuda_at_build", [False, True])
+def test_tracker_cuda_stream_is_seeded_and_never_rewinds_the_default(monkeypatch, cuda_at_build):
+    """A stream's CUDA draws come from its own seed whether CUDA was initialised before the tracker was
+    built or only afterwards (the model moved to the GPU later), and the default CUDA generator is not
+    rewound by a fork: the draws after a fork are not the fork's draws again."""
+    cuda = _FakeCuda(monkeypatch, in_use=cuda_at_build)
+    tracker = tpl.model_parallel_seed(7, ParallelState.single())
+    cuda.in_use = True
+    with tracker.fork():
+        inside = cuda.draw()
+    after = cuda.draw()
+    assert not torch.equal(inside, after), "the fork rewound the default CUDA generator"
+    expected = torch.rand(4, generator=torch.Generator().manual_seed(7 + 2718))
+    assert torch.equal(inside, expected), "the stream's CUDA state must come from its own seed"
+    with tracker.fork():
+        assert torch.equal(cuda.draw(), torch.rand(8, generator=torch.Generator().manual_seed(7 + 2718))[4:])
+    assert "cuda" in tracker.get_states()[tpl.MODEL_PARALLEL_RNG]
