@@ -56,3 +56,21 @@ def test_exit_only_backward_sends_zeros_upstream():
 def test_hidden_output_needs_a_gradient():
     with pytest.raises(ValueError, match="gradient received"):
         backward_step(torch.ones(2, 3, requires_grad=True), None, None)
+
+
+def test_step_losses_stay_on_the_device_until_the_step_ends():
+    """Adding a microbatch's losses reads nothing back to the host (a meta tensor, which has no values,
+    would fail at the first read); ``mean()`` reads every sum once, as the host precision it had before."""
+    from megatron.core.pipeline_parallel.runtime import StepLosses
+
+    on_device = StepLosses()
+    for _ in range(3):
+        on_device.add("lm loss", torch.empty((), device="meta", requires_grad=True))
+        on_device.add("early loss [2]", torch.empty((), device="meta"))
+    assert on_device.counts == {"lm loss": 3, "early loss [2]": 3}
+    losses = StepLosses()
+    for value in (1.0, 2.0, 4.5):
+        losses.add("lm loss", torch.tensor(value, requires_grad=True))
+    losses.add("early loss [2]", torch.tensor(0.25))
+    assert losses.mean() == {"early loss [2]": 0.25, "lm loss": 2.5}
+    assert StepLosses().mean() == {}
