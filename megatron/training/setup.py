@@ -27,6 +27,7 @@ from megatron.core.distributed.grad_buffer import GradBuffers
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.schedules import BACKWARD_KINDS, ActionKind, Schedule
 from megatron.core.tensor_parallel.random import RNGStatesTracker, model_parallel_seed
+from megatron.core.tensor_parallel.range_checks import check_token_batch
 from megatron.data.batch_utils import broadcast_data, get_ltor_masks_and_position_ids
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.mock_dataset import build_mock_train_valid_test_datasets
@@ -259,7 +260,11 @@ def get_batch(run: TrainingRun, iterator) -> dict[str, torch.Tensor]:
     Every stage reads it (exit stages need the labels); tp rank 0 reads and broadcasts."""
     state, d = run.state, run.cfg.data
     data = next(iterator) if state.tp_rank == 0 else None
-    text = broadcast_data(["text"], data, state.tp_group, state.tp_ranks[0])["text"].to(state.device)
+    if data is not None:  # on the host copy: checking on the device would stall it every microbatch
+        check_token_batch(torch.as_tensor(data["text"]), run.cfg.model.padded_vocab(state.tp))
+    # The loader pins its batches when CUDA is present: the copy overlaps with queued kernels.
+    text = broadcast_data(["text"], data, state.tp_group, state.tp_ranks[0])["text"].to(state.device,
+                                                                                      non_blocking=True)
     tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
     eod = run.eod if run.eod is not None else -1
     mask, loss_mask, positions = get_ltor_masks_and_position_ids(

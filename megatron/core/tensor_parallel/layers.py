@@ -29,6 +29,7 @@ from .mappings import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
+from .range_checks import check_index_range
 from .utils import divide, shard_tensor, unshard_tensors, vocab_range
 
 __all__ = [
@@ -178,11 +179,8 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _sharded_param((num_embeddings, embedding_dim), 0, state, init_method, 1, params_dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
-            raise ValueError(
-                f"token ids must lie in [0, {self.num_embeddings}) but range over "
-                f"[{int(ids.min())}, {int(ids.max())}]; the tokenizer and the model's (padded) vocab size disagree"
-            )
+        check_index_range(ids, self.num_embeddings, "token ids",
+                          "the tokenizer and the model's (padded) vocab size disagree")
         if self.group is None or dist.get_world_size(self.group) == 1:
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
