@@ -49,7 +49,7 @@ class Embedding(nn.Module):
             params_dtype=config.params_dtype)
         self.position_embeddings = None
         if config.position_embedding_type == "learned_absolute":
-            full = torch.zeros(config.max_positions, config.hidden_size)
+            full = torch.zeros(config.max_positions, config.hidden_size, device=state.device)
             fill = scope.normal("position_embeddings.weight")
             if fill is not None:
                 fill(full)

@@ -84,11 +84,12 @@ def server_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_model_chunks(run: RunConfig, state: ParallelState) -> list[EarlyExitGPTModel]:
-    """This rank's model chunks (one per virtual stage), in eval mode on the rank's device."""
+def build_model_chunks(run: RunConfig, state: ParallelState, initialize: bool | str = True) -> list[EarlyExitGPTModel]:
+    """This rank's model chunks (one per virtual stage), in eval mode on the rank's device
+    (``initialize="skip"``: no initial weights drawn, a checkpoint is loaded next)."""
     layout = run.partition()
     chunks = [EarlyExitGPTModel(run.model, run.early_exit, state=state, partition=layout, chunk=c,
-                                layers_per_stage=run.parallel.layers_per_stage)
+                                layers_per_stage=run.parallel.layers_per_stage, initialize=initialize)
               for c in range(run.parallel.chunks)]
     return [chunk.to(state.device).eval() for chunk in chunks]
 
@@ -109,7 +110,8 @@ def build(args: argparse.Namespace):
     run = configs_from_args(args, tokenizer.vocab_size).validate(training=False)
     init_distributed(run.parallel.distributed_backend, timeout_s=60.0 * run.parallel.distributed_timeout_minutes)
     state = ParallelState.build(run.parallel.dims, run.parallel.distributed_backend, run.parallel.device)
-    chunks = build_model_chunks(run, state)
+    # With --load the checkpoint must exist (exit_on_missing_checkpoint) and loads strictly: skip the draws.
+    chunks = build_model_chunks(run, state, "skip" if args.load is not None else True)
     load_weights(args, chunks, state)
     return run, state, tokenizer, chunks
 

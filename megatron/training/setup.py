@@ -37,6 +37,7 @@ from megatron.model.partition import Partition
 from megatron.optimizer import MixedPrecisionOptimizer, get_megatron_optimizer
 from megatron.optimizer_param_scheduler import OptimizerParamScheduler, build_scheduler
 from megatron.tokenizer import build_tokenizer_from_args
+from megatron.training.checkpoint.layout import read_tracker
 from megatron.training.config import RunConfig, configs_from_args
 from megatron.training.forward_backward import ScheduleOptions, activation_shape, build_schedule
 
@@ -146,9 +147,17 @@ def set_train_mode(chunks: list[EarlyExitGPTModel], tune_exit: bool) -> None:
                 module.training = is_exit_param(name)
 
 
+def _initialization(cfg: RunConfig) -> bool | str:
+    """``"skip"`` when ``--load`` holds a checkpoint: it is loaded (strictly: every weight) right after the
+    build, so drawing initial weights first would only cost time (minutes on a large model)."""
+    c = cfg.checkpoint
+    will_load = c.load is not None and (c.load_iteration != 0 or read_tracker(c.load) is not None)
+    return "skip" if will_load else True
+
+
 def _build_model(cfg: RunConfig, state: ParallelState, part: Partition, tracker) -> list[EarlyExitGPTModel]:
     chunks = [EarlyExitGPTModel(cfg.model, cfg.early_exit, state=state, partition=part, chunk=c,
-                                rng_tracker=tracker).to(state.device)
+                                rng_tracker=tracker, initialize=_initialization(cfg)).to(state.device)
               for c in range(cfg.parallel.chunks)]
     if cfg.training.tune_exit:
         _freeze_backbone(chunks)

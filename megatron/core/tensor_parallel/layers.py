@@ -1,8 +1,9 @@
 """Tensor-parallel layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding.
 
-Initialisation is layout-independent: a layer fills the FULL weight (fp32, CPU) with ``init_method`` and
-keeps its own shard, so one init_method gives the same full model for every tp. ``init_method=None``
-means zeros (weights that a checkpoint load overwrites right after).
+Initialisation is layout-independent: a layer fills the FULL weight (fp32, on the layer's device) with
+``init_method`` and keeps its own shard, so one init_method gives the same full model for every tp.
+``init_method=None`` means zeros; ``uninitialized`` allocates only the shard, uninitialised (a strict
+checkpoint load overwrites it right after: nothing is drawn, no full weight exists).
 
 Every sharded parameter carries Megatron's attributes ``tensor_model_parallel``, ``partition_dim`` and
 ``partition_stride``; a parameter whose gradient is only partial on each tp rank under sequence
@@ -33,6 +34,7 @@ from .range_checks import check_index_range
 from .utils import divide, shard_tensor, unshard_tensors, vocab_range
 
 __all__ = [
+    "uninitialized",
     "ColumnParallelLinear",
     "RowParallelLinear",
     "VocabParallelEmbedding",
@@ -41,6 +43,11 @@ __all__ = [
 ]
 
 InitMethod = Optional[Callable[[torch.Tensor], object]]
+
+
+def uninitialized(w: torch.Tensor) -> torch.Tensor:
+    """The init method that leaves a weight as allocated (a marker, compared by identity; see above)."""
+    return w
 
 
 def _sharded_param(
@@ -52,10 +59,12 @@ def _sharded_param(
     ) * stride
     if init_method is None:
         data = torch.zeros(local_shape, dtype=dtype, device=state.device)
+    elif init_method is uninitialized:
+        data = torch.empty(local_shape, dtype=dtype, device=state.device)
     else:
-        full = torch.empty(full_shape, dtype=torch.float32)
+        full = torch.empty(full_shape, dtype=torch.float32, device=state.device)
         init_method(full)
-        data = shard_tensor(full, dim, state.tp, state.tp_rank, stride).to(device=state.device, dtype=dtype)
+        data = shard_tensor(full, dim, state.tp, state.tp_rank, stride).to(dtype=dtype)
     param = nn.Parameter(data)
     param.tensor_model_parallel = True
     param.partition_dim = dim
