@@ -2,7 +2,8 @@
 
 The first ``rotary_dim = kv_channels * rotary_percent`` channels of each head are rotated; the rest
 pass through. Angles come from explicit position ids, so cached decoding (positions starting at an
-offset) and several new tokens at once use the same code as a full forward.
+offset) and several new tokens at once use the same code as a full forward. PyTorch has no fused
+rotary kernel in eager mode; the rotation is a few elementwise kernels on ``q`` and ``k`` only.
 """
 
 from __future__ import annotations
