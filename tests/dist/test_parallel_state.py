@@ -94,3 +94,23 @@ def test_first_operation_on_the_world_is_a_collective():
     for calls in run_distributed(_first_world_operation, 2):
         assert calls[0] == ("all_reduce", True), calls
         assert ("batch_isend_irecv", True) in calls
+
+
+def _rank_sum(rank, world):
+    x = torch.tensor([float(rank)])
+    dist.all_reduce(x)
+    return dist.get_backend(), x.item()
+
+
+def test_harness_spawns_workers_too():
+    """The start method NCCL worlds use (spawn: a forked child cannot use CUDA once the parent has),
+    exercised with gloo: module-level functions run and report."""
+    assert run_distributed(_rank_sum, 2, start_method="spawn", timeout=120) == [("gloo", 1.0), ("gloo", 1.0)]
+
+
+def test_harness_refuses_unknown_backends_and_missing_gpus():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        run_distributed(_rank_sum, 2, backend="mpi")
+    if torch.cuda.device_count() < 64:
+        with pytest.raises(DistributedTestError, match="needs 64 GPUs"):
+            run_distributed(_rank_sum, 64, backend="nccl")
