@@ -66,7 +66,8 @@ def _recipe(config: ModelConfig, initialize: bool | str):
     if initialize == "skip":
         return SkipInit()
     if initialize is True or initialize is False:
-        return SeededInit(config.seed, config.init_method_std, config.num_layers) if initialize else None
+        return SeededInit(config.seed, config.init_method_std, config.num_layers,
+                          config.use_cpu_initialization) if initialize else None
     raise ValueError(f"initialize must be True, False or 'skip', got {initialize!r}")
 
 

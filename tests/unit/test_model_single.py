@@ -299,3 +299,22 @@ def test_seeded_init_is_layout_independent_on_the_model_device(tp):
     torch.testing.assert_close(tpl.unshard_tensors([s[0] for s in shards], 0, 2), col1, rtol=0, atol=0)
     torch.testing.assert_close(tpl.unshard_tensors([s[1] for s in shards], 1), row1, rtol=0, atol=0)
     assert abs(row1.std().item() - 0.02 / 2) < 0.005
+
+
+def test_use_cpu_initialization_reaches_the_model_recipe():
+    """--use-cpu-initialization (a GPU run starting from a CPU run's weights): the flag reaches the model
+    config and the recipe draws on the CPU, which on a CPU weight is the plain draw."""
+    from megatron.arguments import parse_args, validate_args
+    from megatron.core.transformer import SeededInit
+    from megatron.training.config import configs_from_args
+
+    flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
+             "--max-position-embeddings", "8", "--micro-batch-size", "1", "--lr", "1e-3", "--train-iters", "1",
+             "--mock-data", "--vocab-size", "64", "--device", "cpu"]
+    for extra, want in (([], False), (["--use-cpu-initialization"], True)):
+        args = validate_args(parse_args(flags + extra), 1)
+        assert configs_from_args(args, 64).model.use_cpu_initialization is want
+    a, b = torch.empty(5, 3), torch.empty(5, 3)
+    SeededInit(1, 0.02, 2).normal(1, "w")(a)
+    SeededInit(1, 0.02, 2, on_cpu=True).normal(1, "w")(b)
+    assert torch.equal(a, b)

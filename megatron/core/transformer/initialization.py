@@ -8,7 +8,8 @@ of a tied weight on several stages come out identical without any communication.
 The weight is drawn on the device it lives on, with that device's generator: a GPU rank draws its
 stage's weights at GPU speed instead of every rank drawing them on the CPU (hours for a 70B model).
 Values therefore depend on the device type (the CPU's Mersenne twister and CUDA's Philox differ, and
-CUDA's draws on the GPU model), never on the parallel layout. When a checkpoint is loaded right after,
+CUDA's draws on the GPU model), never on the parallel layout; ``--use-cpu-initialization`` draws on the
+CPU everywhere (a GPU run then starts from the weights of a CPU run). When a checkpoint is loaded right after,
 :class:`SkipInit` draws nothing: the layers allocate their shards uninitialised and the strict load
 overwrites every one.
 
@@ -46,14 +47,18 @@ class SeededInit:
     seed: int
     std: float
     num_layers: int
+    on_cpu: bool = False  # --use-cpu-initialization: draw on the CPU whatever the weight's device
 
     def normal(self, layer: int, name: str, std: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         std = self.std if std is None else std
 
         def fill(w: torch.Tensor) -> torch.Tensor:
-            g = torch.Generator(device=w.device).manual_seed(derive_seed(self.seed, layer, name))
+            device = torch.device("cpu") if self.on_cpu else w.device
+            g = torch.Generator(device=device).manual_seed(derive_seed(self.seed, layer, name))
             with torch.no_grad():
-                return w.normal_(0.0, std, generator=g)
+                if device == w.device:
+                    return w.normal_(0.0, std, generator=g)
+                return w.copy_(torch.empty(w.shape, dtype=w.dtype).normal_(0.0, std, generator=g))
 
         return fill
 
