@@ -43,7 +43,6 @@ IGNORED_FLAGS = {
     "use_ring_exchange_p2p": ("--use-ring-exchange-p2p", False, None),
     "delay_grad_reduce": ("--no-delay-grad-reduce", True, None),
     "distribute_saved_activations": ("--distribute-saved-activations", False, None),
-    "use_cpu_initialization": ("--use-cpu-initialization", False, None),
     "empty_unused_memory_level": ("--empty-unused-memory-level", 0, (0, 1, 2)),
     "transformer_impl": ("--transformer-impl", "local", ("local", "transformer_engine")),
     "use_mcore_models": ("--use-mcore-models", False, None),
@@ -171,6 +170,8 @@ def _add_initialization_args(parser):
     _flag(g, "--seed", type=int, default=1234, help="Seed of initialisation, dropout and data.")
     _flag(g, "--data-parallel-random-init", action="store_true")
     _flag(g, "--init-method-std", type=float, default=0.02, help="Std of the normal weight initialisation.")
+    _flag(g, "--use-cpu-initialization", action="store_true",
+          help="Draw the initial weights on the CPU: the same weights as a CPU run (slower on GPUs).")
     _add_refused(g, "init_method_xavier_uniform")
 
 
@@ -243,7 +244,7 @@ def _add_distributed_args(parser):
     _flag(g, "--use-distributed-optimizer", action="store_true", help="Shard optimizer state over dp.")
     _flag(g, "--local_rank", "--local-rank", type=int, default=None, help="Set by older launchers; unused.")
     _add_ignored(g, "overlap_p2p_comm", "scatter_gather_tensors_in_pipeline", "use_ring_exchange_p2p",
-                 "delay_grad_reduce", "use_cpu_initialization", "empty_unused_memory_level")
+                 "delay_grad_reduce", "empty_unused_memory_level")
 
 
 def _add_validation_args(parser):

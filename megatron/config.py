@@ -57,6 +57,7 @@ class ModelConfig:
     apply_query_key_layer_scaling: bool = False
     untie_embeddings_and_output_weights: bool = False
     init_method_std: float = 0.02
+    use_cpu_initialization: bool = False  # draw on the CPU (the weights of a CPU run), not on the device
     sequence_parallel: bool = False
     recompute_granularity: str | None = None  # None | "full" | "selective"
     recompute_method: str | None = None  # "uniform" | "block" (full recompute only)

@@ -37,12 +37,14 @@ __all__ = ["build_model_chunks", "load_model_weights", "add_model_source_args", 
 log = logging.getLogger(__name__)
 
 
-def build_model_chunks(run: RunConfig, state: ParallelState, *, rng_tracker=None) -> list[EarlyExitGPTModel]:
-    """This rank's model chunks (one per virtual stage) on the rank's device, freshly initialised from the
-    run's seed. ``rng_tracker``: the tensor-parallel RNG streams dropout draws from (training)."""
+def build_model_chunks(run: RunConfig, state: ParallelState, *, rng_tracker=None,
+                       initialize: bool | str = True) -> list[EarlyExitGPTModel]:
+    """This rank's model chunks (one per virtual stage) on the rank's device, initialised from the run's
+    seed, or (``initialize="skip"``) left undrawn because a checkpoint is loaded into them next.
+    ``rng_tracker``: the tensor-parallel RNG streams dropout draws from (training)."""
     layout = run.partition()
     return [EarlyExitGPTModel(run.model, run.early_exit, state=state, partition=layout, chunk=c,
-                              rng_tracker=rng_tracker).to(state.device)
+                              rng_tracker=rng_tracker, initialize=initialize).to(state.device)
             for c in range(run.parallel.chunks)]
 
 
@@ -129,7 +131,9 @@ def load_inference_model(args: argparse.Namespace) -> LoadedModel:
     run = configs_from_args(args, tokenizer.vocab_size).validate(training=False)
     init_distributed(run.parallel.distributed_backend, timeout_s=60.0 * run.parallel.distributed_timeout_minutes)
     state = ParallelState.build(run.parallel.dims, run.parallel.distributed_backend, run.parallel.device)
-    chunks = [chunk.eval() for chunk in build_model_chunks(run, state)]
+    # With --load the checkpoint must exist (exit_on_missing_checkpoint) and loads strictly: skip the draws.
+    initialize = "skip" if args.load is not None else True
+    chunks = [chunk.eval() for chunk in build_model_chunks(run, state, initialize=initialize)]
     if args.load is None:
         log.warning("using RANDOM weights (--random-weights): the answers are noise")
     else:

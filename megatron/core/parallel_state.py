@@ -32,6 +32,7 @@ __all__ = [
     "tied_embedding_stages",
     "default_backend",
     "init_distributed",
+    "local_cuda_device",
     "ParallelConfigError",
 ]
 
@@ -168,9 +169,19 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def local_cuda_device(rank: int) -> torch.device:
+    """The GPU this process drives: ``LOCAL_RANK`` (torchrun), else the global rank modulo the GPUs seen."""
+    local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+    return torch.device("cuda", local)
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> None:
     """Initialise the default process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``, ``MASTER_PORT``). A no-op when already initialised or when run as one plain process."""
+    ``MASTER_ADDR``, ``MASTER_PORT``). A no-op when already initialised or when run as one plain process.
+
+    Under NCCL the process first selects its GPU and binds the group to it (``device_id``): NCCL then
+    builds the world communicator now, collectively, on the right GPU, instead of guessing the device at
+    the first operation (every rank on GPU 0 if none was set)."""
     if dist.is_initialized():
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -178,12 +189,28 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
         return
     import datetime
 
+    backend = backend or default_backend()
+    rank = int(os.environ.get("RANK", "0"))
+    extra = {}
+    if backend == "nccl":
+        device = local_cuda_device(rank)
+        torch.cuda.set_device(device)
+        extra["device_id"] = device
     dist.init_process_group(
-        backend=backend or default_backend(),
-        rank=int(os.environ.get("RANK", "0")),
+        backend=backend,
+        rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
+        **extra,
     )
+
+
+def _warm_up(device: torch.device) -> None:
+    """One all-reduce on the world group, joined by every rank. PyTorch documents a batched P2P as the
+    *first* operation of an NCCL group as undefined unless every rank of the group takes part (it may
+    hang); a pipeline's first exchange involves two stages only and, with mock data and no checkpoint to
+    load, nothing else communicates before it. Cheap on gloo too, so both backends run the same order."""
+    dist.all_reduce(torch.zeros(1, device=device))
 
 
 @dataclass
@@ -233,8 +260,7 @@ class ParallelState:
         backend = backend or dist.get_backend()
         if device is None:
             if backend == "nccl":
-                local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
-                device = torch.device("cuda", local)
+                device = local_cuda_device(rank)
                 torch.cuda.set_device(device)
             else:
                 device = torch.device("cpu")
@@ -250,6 +276,7 @@ class ParallelState:
             setattr(state, f"{attr}_group", mine[0])
             if attr in ("tp", "dp", "pp"):
                 setattr(state, f"{attr}_ranks", tuple(mine[1]))
+        _warm_up(state.device if backend == "nccl" else torch.device("cpu"))
         return state
 
     def new_stage_group(self, stages: Iterable[int]) -> dist.ProcessGroup | None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
 from megatron.core.tensor_parallel import VocabParallelEmbedding
-from megatron.core.transformer import RotaryEmbedding, SeededInit
+from megatron.core.transformer import RotaryEmbedding, SeededInit, SkipInit
 
 from .exit_heads import exit_confidence, lm_logits, token_losses
 from .language_model import LanguageModel, output_projection
@@ -62,9 +62,21 @@ def tied_weight_holders(part: Partition, config: ModelConfig, ee: EarlyExitConfi
     return {}
 
 
+def _recipe(config: ModelConfig, initialize: bool | str):
+    if initialize == "skip":
+        return SkipInit()
+    if initialize is True or initialize is False:
+        return SeededInit(config.seed, config.init_method_std, config.num_layers,
+                          config.use_cpu_initialization) if initialize else None
+    raise ValueError(f"initialize must be True, False or 'skip', got {initialize!r}")
+
+
 class EarlyExitGPTModel(nn.Module):
+    """``initialize``: ``True`` draws the seeded initial weights (on the model's device), ``False`` zeros
+    them, ``"skip"`` leaves them uninitialised for a strict checkpoint load that follows at once."""
+
     def __init__(self, config: ModelConfig, ee: EarlyExitConfig | None = None, *, state, partition: Partition | None = None,
-                 stage: int | None = None, chunk: int = 0, rng_tracker=None, initialize: bool = True,
+                 stage: int | None = None, chunk: int = 0, rng_tracker=None, initialize: bool | str = True,
                  layers_per_stage=None):
         super().__init__()
         ee = ee if ee is not None else EarlyExitConfig()
@@ -79,7 +91,7 @@ class EarlyExitGPTModel(nn.Module):
         self.spec = partition.spec(state.pp_rank if stage is None else stage, chunk)
         self.vocab = config.padded_vocab(state.tp)
         self.sequence_parallel = config.sequence_parallel and state.tp > 1
-        recipe = SeededInit(config.seed, config.init_method_std, config.num_layers) if initialize else None
+        recipe = _recipe(config, initialize)
         self.language_model = LanguageModel(config, ee, state=state, spec=self.spec, vocab=self.vocab, recipe=recipe,
                                             rng_tracker=rng_tracker)
         self.rotary = None

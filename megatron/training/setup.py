@@ -22,12 +22,14 @@ import torch
 import torch.distributed as dist
 
 from megatron.arguments import validate_args
+from megatron.checkpoint.layout import read_tracker
 from megatron.checkpoint.model_loader import build_model_chunks
 from megatron.core.distributed.finalize import TiedGroups, late_params
 from megatron.core.distributed.grad_buffer import GradBuffers
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.schedules import BACKWARD_KINDS, ActionKind, Schedule
 from megatron.core.tensor_parallel.random import RNGStatesTracker, model_parallel_seed
+from megatron.core.tensor_parallel.range_checks import check_token_batch
 from megatron.data.batch_utils import broadcast_data
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.mock_dataset import build_mock_train_valid_test_datasets
@@ -155,8 +157,16 @@ def _train_if_all_params_train(module: torch.nn.Module, parent: bool) -> None:
         _train_if_all_params_train(child, module.training)
 
 
+def _initialization(cfg: RunConfig) -> bool | str:
+    """``"skip"`` when ``--load`` holds a checkpoint: it is loaded (strictly: every weight) right after the
+    build, so drawing initial weights first would only cost time (minutes on a large model)."""
+    c = cfg.checkpoint
+    will_load = c.load is not None and (c.load_iteration != 0 or read_tracker(c.load) is not None)
+    return "skip" if will_load else True
+
+
 def _build_model(cfg: RunConfig, state: ParallelState, tracker) -> list[EarlyExitGPTModel]:
-    chunks = build_model_chunks(cfg, state, rng_tracker=tracker)
+    chunks = build_model_chunks(cfg, state, rng_tracker=tracker, initialize=_initialization(cfg))
     if cfg.training.tune_exit:
         _freeze_backbone(chunks)
     set_train_mode(chunks, cfg.training.tune_exit)
@@ -267,4 +277,8 @@ def read_text(run: TrainingRun, iterator) -> torch.Tensor:
     (exit stages need the labels); tp rank 0 reads and broadcasts to its tp group."""
     state = run.state
     data = next(iterator) if state.tp_rank == 0 else None
-    return broadcast_data(["text"], data, state.tp_group, state.tp_ranks[0])["text"].to(state.device)
+    if data is not None:  # on the host copy: checking on the device would stall it every microbatch
+        check_token_batch(torch.as_tensor(data["text"]), run.cfg.model.padded_vocab(state.tp))
+    # The loader pins its batches when CUDA is present: the copy overlaps with queued kernels.
+    return broadcast_data(["text"], data, state.tp_group, state.tp_ranks[0])["text"].to(state.device,
+                                                                                     non_blocking=True)

@@ -76,3 +76,28 @@ def test_exit_stages_and_tied_group():
     grid = RankGrid(ParallelDims(tp=1, pp=4, dp=4))
     # EE-LLM's set-built group came out as [8, 0, 4, 12] here; ours is sorted.
     assert grid.stage_groups([2, 0, 3, 1])[0] == [0, 4, 8, 12]
+
+
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+def test_init_distributed_binds_nccl_to_the_local_gpu(monkeypatch, backend):
+    """Under NCCL the process selects its GPU (LOCAL_RANK) and passes it as ``device_id``, so the world
+    communicator is created at once on that GPU; gloo gets no device."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron.core.parallel_state import init_distributed
+
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.update(kw))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.update(set_device=d))
+    init_distributed(backend)
+    assert calls["backend"] == backend and calls["rank"] == 3 and calls["world_size"] == 4
+    if backend == "nccl":
+        assert calls["device_id"] == torch.device("cuda", 1) == calls["set_device"]
+    else:
+        assert "device_id" not in calls and "set_device" not in calls
