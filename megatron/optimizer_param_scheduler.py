@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from megatron.config import ConfigError
+from megatron.errors import ConfigError
 
 __all__ = ["OptimizerParamScheduler", "scheduler_steps", "build_scheduler"]
 

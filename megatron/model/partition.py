@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from megatron.config import ConfigError
+from megatron.errors import ConfigError
 
 __all__ = ["ChunkSpec", "Partition", "partition", "LAYERS_PER_STAGE_FLAG"]
 

@@ -15,10 +15,11 @@ import logging
 import os
 from typing import Callable
 
-from megatron.arguments import parse_args, validate_args
+from megatron.arguments import parse_args, resolve
 from megatron.config import ConfigError
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.model import EarlyExitGPTModel
+from megatron.run_config import RunConfig
 from megatron.text_generation.request import GenerationRequest, GenerationResult
 from megatron.text_generation.server import (
     GenerationService,
@@ -29,7 +30,6 @@ from megatron.text_generation.server import (
 )
 from megatron.tokenizer.build import build_tokenizer_from_args
 from megatron.training.checkpoint import load_args_from_checkpoint, load_checkpoint
-from megatron.training.config import RunConfig, configs_from_args
 
 __all__ = ["add_server_args", "server_args", "check_weights_source", "build_model_chunks", "load_weights",
            "make_service", "serve", "build", "model_info"]
@@ -105,8 +105,7 @@ def load_weights(args: argparse.Namespace, chunks: list, state: ParallelState) -
 def build(args: argparse.Namespace):
     """(run config, parallel state, tokenizer, model chunks) of this rank, weights loaded."""
     tokenizer = build_tokenizer_from_args(args, tp=args.tensor_model_parallel_size)
-    validate_args(args, args.world_size, training=False, vocab_size=tokenizer.vocab_size)
-    run = configs_from_args(args, tokenizer.vocab_size).validate(training=False)
+    run = resolve(args, args.world_size, training=False, vocab_size=tokenizer.vocab_size)
     init_distributed(run.parallel.distributed_backend, timeout_s=60.0 * run.parallel.distributed_timeout_minutes)
     state = ParallelState.build(run.parallel.dims, run.parallel.distributed_backend, run.parallel.device)
     chunks = build_model_chunks(run, state)

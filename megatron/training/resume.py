@@ -1,9 +1,10 @@
 """Checkpoint wiring of a training run: load before training, save during and after it.
 
-``load_run`` restores model, optimizer, scheduler, RNG streams and the consumed-sample counts
-(``--load``, ``--finetune``, ``--no-load-optim``, ``--no-load-rng``, ``--load-iteration``,
-``--exit-on-missing-checkpoint``). ``save_run`` writes one iteration atomically (the checkpoint
-package's ordering) with the run's ``args``.
+``load_run`` restores model, optimizer, scheduler, RNG streams and the run's progress (iteration and
+consumed-sample counts, onto :class:`~megatron.training.setup.TrainingRun`; ``--load``, ``--finetune``,
+``--no-load-optim``, ``--no-load-rng``, ``--load-iteration``, ``--exit-on-missing-checkpoint``).
+``save_run`` writes one iteration atomically (the checkpoint package's ordering) with the run's ``args``,
+into which it first writes the progress (Megatron's checkpoints keep it there).
 
 EE-Tuning with ``--tune-exit-pipeline-parallel-size k < pp`` builds and loads only the first ``k``
 stages. A save must still be a complete model, so before the tracker moves, the files of the stages
@@ -13,6 +14,7 @@ this run never built are copied unchanged from the loaded checkpoint into the ne
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -22,18 +24,20 @@ from megatron.training.checkpoint.layout import rank_dir
 from megatron.training.checkpoint.load import resolve_iteration
 from megatron.training.setup import TrainingRun
 
-__all__ = ["load_run", "save_run", "copy_unbuilt_stages"]
+__all__ = ["load_run", "save_run", "copy_unbuilt_stages", "PROGRESS"]
+
+# The run's progress as Megatron's checkpoints keep it on args; TrainingRun holds it while training.
+PROGRESS = ("iteration", "consumed_train_samples", "consumed_valid_samples", "num_floating_point_operations_so_far")
 
 log = logging.getLogger(__name__)
 
 
 def load_run(run: TrainingRun) -> int:
-    """Load ``--load`` into the run (collective); sets and returns ``run.iteration``."""
+    """Load ``--load`` into the run (collective); sets the run's progress and returns ``run.iteration``."""
     c = run.cfg.checkpoint
     args = run.args
-    args.consumed_train_samples = args.consumed_valid_samples = 0
+    run.iteration = run.consumed_train_samples = run.consumed_valid_samples = run.flops_so_far = 0
     if c.load is None:
-        run.iteration = 0
         return 0
     if run.partial_stages:
         # Remember which checkpoint the unbuilt stages come from, for every later save, and check now
@@ -41,11 +45,17 @@ def load_run(run: TrainingRun) -> int:
         run.source_iteration = resolve_iteration(c.load, c.load_iteration, c.exit_on_missing_checkpoint)
         if run.source_iteration is not None:
             _unbuilt_stage_dirs(c.load, run.source_iteration, run.state.tp, run.state.pp, run.cfg.parallel.pp)
+    # The checkpoint package restores the saved progress onto the Namespace it is given (Megatron keeps it
+    # on args); a copy without progress takes it, so a fine-tune (which restores none) starts from zero.
+    loaded = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in PROGRESS})
     run.iteration = load_checkpoint(
-        c.load, run.chunks, run.optimizer, run.scheduler, run.state, args, full_pp=run.cfg.parallel.pp,
+        c.load, run.chunks, run.optimizer, run.scheduler, run.state, loaded, full_pp=run.cfg.parallel.pp,
         rng_tracker=run.rng_tracker, load_iteration=c.load_iteration, finetune=c.finetune,
         no_load_optim=c.no_load_optim, no_load_rng=c.no_load_rng,
         exit_on_missing_checkpoint=c.exit_on_missing_checkpoint)
+    run.consumed_train_samples = getattr(loaded, "consumed_train_samples", 0)
+    run.consumed_valid_samples = getattr(loaded, "consumed_valid_samples", 0)
+    run.flops_so_far = getattr(loaded, "num_floating_point_operations_so_far", 0)
     return run.iteration
 
 
@@ -91,6 +101,8 @@ def save_run(run: TrainingRun) -> None:
     c = run.cfg.checkpoint
     args = run.args
     args.iteration = run.iteration
+    args.consumed_train_samples, args.consumed_valid_samples = run.consumed_train_samples, run.consumed_valid_samples
+    args.num_floating_point_operations_so_far = run.flops_so_far
     if run.partial_stages and run.state.rank == 0:
         if run.source_iteration is None:
             log.warning("--tune-exit-pipeline-parallel-size %d without a loaded checkpoint: the save at iteration "
