@@ -145,6 +145,15 @@ def test_cuda_device_without_cuda():
         resolve(parse_args(BASE + ["--device", "cuda"]), 1)
 
 
+def test_cuda_with_gloo_is_refused_not_run_on_the_cpu(monkeypatch):
+    """--device cuda --distributed-backend gloo used to build the process groups on the CPU without a word:
+    gloo moves CUDA tensors for broadcast and all-reduce only, so the run is refused before it starts."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="--distributed-backend gloo cannot run --device cuda"):
+        resolve(parse_args(BASE + ["--device", "cuda", "--distributed-backend", "gloo"]), 2)
+    assert resolve(parse_args(BASE + ["--device", "cuda"]), 2).parallel.distributed_backend == "nccl"
+
+
 def test_valid_variants_pass():
     """Rules that EE-LLM has and we relax on purpose, and combinations that must stay allowed."""
     ok = [

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from megatron.config import EarlyExitConfig, ModelConfig
+from megatron.core.distributed.finalize import reduce_tied_grads
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import model_parallel_seed
 from megatron.core.transformer import InferenceParams
-from megatron.model import EarlyExitGPTModel, allreduce_tied_grads, partition
+from megatron.model import EarlyExitGPTModel, partition
 
 GPT = dict(normalization="LayerNorm", swiglu=False, position_embedding_type="learned_absolute")
 LLAMA = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", num_query_groups=2,
@@ -100,7 +101,7 @@ def test_split_equals_unsplit(arch, pp, vpp, lps):
             torch.testing.assert_close(exits[layer], exits_ref[layer], rtol=0, atol=1e-6)
         loss_ref.backward()
         loss.backward()
-        allreduce_tied_grads(chunks, None)
+        reduce_tied_grads(chunks, None, attr="grad")  # one process holds every copy: no group
         seen = set()
         for m in chunks:
             for k, p in m.named_parameters():
