@@ -35,8 +35,7 @@ from megatron.data.mock_dataset import build_mock_train_valid_test_datasets
 from megatron.data.samplers import build_data_iterator, build_pretraining_data_loader
 from megatron.model import EarlyExitGPTModel
 from megatron.model.partition import Partition
-from megatron.optimizer import MixedPrecisionOptimizer, get_megatron_optimizer
-from megatron.optimizer_param_scheduler import OptimizerParamScheduler, build_scheduler
+from megatron.optimizer import MixedPrecisionOptimizer, OptimizerParamScheduler, build_scheduler, get_megatron_optimizer
 from megatron.run_config import RunConfig
 from megatron.tokenizer import build_tokenizer_from_args
 from megatron.training.forward_backward import ScheduleOptions, activation_shape, build_schedule
