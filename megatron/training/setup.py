@@ -178,10 +178,10 @@ def _schedules(cfg: RunConfig, state: ParallelState, part: Partition) -> tuple[S
     if t.tune_exit and state.pp < p.pp:
         # Planned over the whole model's stages: the last stage built is not the model's head, and the
         # stream never reaches the stages that are not built.
-        tuning = build_schedule(p.pp, 1, m, part.exit_stages, opts)
+        tuning = build_schedule(p.pp, 1, m, part.exit_positions, opts)
         return tuning, _forward_only(tuning)
-    return (build_schedule(state.pp, p.chunks, m, part.exit_stages, opts),
-            build_schedule(state.pp, p.chunks, m, part.exit_stages, opts, evaluation=True))
+    return (build_schedule(state.pp, p.chunks, m, part.exit_positions, opts),
+            build_schedule(state.pp, p.chunks, m, part.exit_positions, opts, evaluation=True))
 
 
 def build_run(args: argparse.Namespace, cfg: RunConfig, state: ParallelState, eod: int | None = None) -> TrainingRun:
