@@ -3,7 +3,8 @@ turn HTTP JSON bodies (EE-LLM's ``PUT /api`` and OpenAI's ``POST /v1/completions
 rank-0-to-all broadcast of a request (or of the shutdown message) before every rank calls ``generate``.
 
 Every invalid field raises :class:`RequestError` naming the field; the server answers it with HTTP 400.
-EE-LLM's parser bugs (reference 12.9) are fixed here: booleans are read by value, ints are accepted
+The bugs of EE-LLM's parser (``MegatronGenerate.put`` in its ``megatron/early_exit_text_generation_server.py``)
+are fixed here: booleans are read by value, ints are accepted
 where floats are, the default threshold means "no early exit", ``stop_sequences`` and ``beam_width``
 work, and a missing ``top_p`` never crashes the ``top_p_decay`` / ``top_p_bound`` checks.
 """
@@ -249,7 +250,8 @@ def _apply_temperature(sampling: SamplingParams, temperature: float) -> None:
 # ------------------------------------------------------------------------------------------- PUT /api
 
 def parse_api_request(body: Any) -> GenerationRequest:
-    """EE-LLM's ``PUT /api`` body (reference 8.6) -> :class:`GenerationRequest`, with its bugs fixed."""
+    """EE-LLM's ``PUT /api`` body (the fields ``MegatronGenerate.put`` reads) -> :class:`GenerationRequest`,
+    with its bugs fixed."""
     f = _Fields(body, known_extra=("no_log", "token_pieces"))
     for legacy, current in (("max_len", "tokens_to_generate"), ("sentences", "prompts")):
         if legacy in f.body:

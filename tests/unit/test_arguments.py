@@ -92,12 +92,12 @@ def test_training_scripts_validate_unchanged(name, argv, world, expect, ffn):
     run = resolve(args, world, vocab_size=32000)
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.data_parallel_size,
             args.num_microbatches) == expect
-    assert args.ffn_hidden_size == ffn  # int(8h/3/64)*64, reference section 9.1
+    assert args.ffn_hidden_size == ffn  # int(8h/3/64)*64, as EE-LLM's scripts get it with --swiglu
     assert args.params_dtype == torch.bfloat16 and args.accumulate_allreduce_grads_in_fp32
     assert args.add_position_embedding is False and not args.add_bias_linear
     assert args.sequence_parallel == (args.tensor_model_parallel_size > 1)
     assert args.pre_exit and args.exit_layer_temperature == [1.0, 1.0] and args.exit_layer_weight_init == [0.0, 0.0]
-    assert run.partition().exit_stages == [1, 2]  # the first layer of stages 1 and 2 (reference 9.1)
+    assert run.partition().exit_stages == [1, 2]  # the first layer of stages 1 and 2 (pre-exits, as EE-LLM's)
     assert run.logging.wandb_project == "EE-LLM" and run.logging.log_timers_to_tracker
     assert run.data.data_path == DATA[1:5] and run.checkpoint.save == run.checkpoint.load == "/ckpt/EE-LLM"
 

@@ -1,5 +1,6 @@
-"""The EE-Tuning scripts of examples/ee_tuning: EE-LLM's four tuning configurations (reference 9.2) parse and
-validate at their intended world size with the reference values; the shell scripts are syntactically valid."""
+"""The EE-Tuning scripts of examples/ee_tuning: EE-LLM's four tuning configurations (its
+examples/ee_tuning/tune/*.sh) parse and validate at their intended world size with the reference values; the
+shell scripts are syntactically valid."""
 
 import os
 import subprocess

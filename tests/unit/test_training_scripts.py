@@ -1,5 +1,5 @@
 """The launch scripts of examples/ee_training: EE-LLM's configurations parse and validate at their intended
-world size with the reference values (reference 9.1); the shell scripts are syntactically valid."""
+world size with the values of EE-LLM's examples/ee_training/*.sh; the shell scripts are syntactically valid."""
 
 import os
 import subprocess

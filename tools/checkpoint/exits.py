@@ -4,7 +4,8 @@ Working on the FULL dict (and resharding to the checkpoint's own layout afterwar
 one tensor: random initialisation is drawn once per key from a generator seeded by ``(seed, key)``, so it
 is reproducible, independent of the order of work, and every tp shard / tied copy agrees.
 
-add-exit (reference 7.2, with EE-LLM's converter bugs fixed): the exit layers become the union of the
+add-exit (EE-LLM's ``tools/checkpoint/checkpoint_converter.py --conversion-type add-exit``, with its bugs
+fixed): the exit layers become the union of the
 existing and the requested ones; the exit parts (norm / MLP branch / block / untied projection) become the
 union of the existing and the requested ones and every exit missing a part gets it, old exits included.
 Copy initialisation: ``exit_norm`` <- the final norm, the branch MLP <- the layer's own (trunk) MLP,

@@ -2,8 +2,9 @@
 
 Reading takes every ``mp_rank_*`` file of one iteration, flattens Megatron's nested ``model`` dicts
 (``{'language_model': {'encoder': {...}}}`` in EE-LLM / legacy Megatron, flat in ours) to the dotted key
-names of reference 6.3, and merges the ranks with :func:`merge_state_dicts` (which checks every key, shape
-and tied copy). The model and exit configuration come from the stored ``args``.
+names of ``megatron.model.state_dict_sharding`` (EE-LLM's), and merges the ranks with
+:func:`merge_state_dicts` (which checks every key, shape and tied copy). The model and exit configuration
+come from the stored ``args``.
 
 Writing cuts the FULL dict for any (tp, pp, vpp, layers per stage) with :func:`shard_state_dict` and
 writes model-only files (``args``, ``checkpoint_version``, ``iteration``, ``model`` / ``model<i>``), the

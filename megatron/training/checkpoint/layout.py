@@ -1,6 +1,6 @@
 """Megatron's checkpoint directory layout, the tracker file, atomic writes and guarded reads.
 
-Layout (reference 6.2)::
+Layout (Megatron's ``get_checkpoint_name`` in ``megatron/checkpointing.py``, unchanged by EE-LLM)::
 
     <dir>/latest_checkpointed_iteration.txt         the iteration number, or ``release``
     <dir>/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt
