@@ -20,14 +20,12 @@ import argparse
 import logging
 from typing import NamedTuple
 
-from megatron.arguments import parse_args, validate_args
-from megatron.config import ConfigError
+from megatron.arguments import parse_args, resolve
 from megatron.core.parallel_state import ParallelState, init_distributed
+from megatron.errors import ConfigError
 from megatron.model import EarlyExitGPTModel
+from megatron.run_config import RunConfig
 from megatron.tokenizer.build import build_tokenizer_from_args
-# RunConfig and the flags -> config step still live with training (being reworked into the command-line
-# layer); this is the only place inference reaches them.
-from megatron.training.config import RunConfig, configs_from_args
 
 from .load import load_args_from_checkpoint, load_checkpoint
 
@@ -127,8 +125,7 @@ def load_inference_model(args: argparse.Namespace) -> LoadedModel:
     configuration, the process groups, then the chunks, and loads ``--load`` into them (or keeps the seeded
     random initialisation under ``--random-weights``)."""
     tokenizer = build_tokenizer_from_args(args, tp=args.tensor_model_parallel_size)
-    validate_args(args, args.world_size, training=False, vocab_size=tokenizer.vocab_size)
-    run = configs_from_args(args, tokenizer.vocab_size).validate(training=False)
+    run = resolve(args, args.world_size, training=False, vocab_size=tokenizer.vocab_size)
     init_distributed(run.parallel.distributed_backend, timeout_s=60.0 * run.parallel.distributed_timeout_minutes)
     state = ParallelState.build(run.parallel.dims, run.parallel.distributed_backend, run.parallel.device)
     # With --load the checkpoint must exist (exit_on_missing_checkpoint) and loads strictly: skip the draws.

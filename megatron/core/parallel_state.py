@@ -10,16 +10,17 @@ Three layers, from pure to stateful:
   holds this rank's coordinates, its groups and its device, and is passed down to the core modules (no
   module-level globals). ``ParallelState.single()`` is the one-process state used by unit tests and tools.
 
-Exit-aware helpers (which stages hold exits, which stages keep a copy of a tied output embedding) take
-the exit list and the layer partition as input, so they stay pure and testable; the group over the
-tied-embedding stages is always built from *sorted* ranks (EE-LLM built it from a set and could hang).
+Which stages hold exits and which keep a copy of a tied output projection is the partition's and the
+model's knowledge (``Partition.exit_stages``, ``megatron.model.tied_weight_holders``); the groups over
+such stages (``RankGrid.stage_groups``, ``ParallelState.new_stage_group``) are always built from *sorted*
+ranks (EE-LLM built the tied-embedding group from a set and could hang).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -28,8 +29,6 @@ __all__ = [
     "ParallelDims",
     "RankGrid",
     "ParallelState",
-    "exit_stages",
-    "tied_embedding_stages",
     "default_backend",
     "init_distributed",
     "local_cuda_device",
@@ -140,29 +139,6 @@ class RankGrid:
         """For each pipeline, the ranks of the given stages, sorted (e.g. the tied-embedding holders)."""
         stages = sorted(set(stages))
         return [[pipe[s] for s in stages] for pipe in self.pp_groups()]
-
-
-def exit_stages(exit_layers: Sequence[int], layers_per_stage: Sequence[int]) -> list[int]:
-    """Sorted stages that own at least one exit. ``exit_layers`` are 1-based layer numbers and
-    ``layers_per_stage[s]`` is the number of transformer layers stage ``s`` owns (uneven splits allowed)."""
-    bounds, total = [], 0
-    for n in layers_per_stage:
-        total += n
-        bounds.append(total)
-    stages = set()
-    for layer in exit_layers:
-        if not 1 <= layer <= total:
-            raise ValueError(f"exit layer {layer} outside 1..{total} (--exit-layer-nums)")
-        stages.add(next(s for s, end in enumerate(bounds) if layer <= end))
-    return sorted(stages)
-
-
-def tied_embedding_stages(pp: int, stages_with_exits: Iterable[int], tied_exits: bool = True) -> list[int]:
-    """Stages holding a copy of the tied word embedding: first, last and (for tied exits) every exit stage."""
-    stages = {0, pp - 1}
-    if tied_exits:
-        stages.update(stages_with_exits)
-    return sorted(stages)
 
 
 def default_backend() -> str:

@@ -9,7 +9,8 @@ projection: the word embedding with tied embeddings, else ``language_model.outpu
 need it but do not own it hold a copy: ``word_embeddings_for_head`` (EE-LLM's key) for the embedding,
 ``output_layer_for_exits`` (our key; EE-LLM cannot tie exits to an untied head) for the output layer.
 Copies are initialised identically by the seeded init (no communication); after backward,
-:func:`allreduce_tied_grads` sums their gradients over the holders, so every copy takes the same step.
+:func:`~megatron.core.distributed.finalize.reduce_tied_grads` sums their gradients over the holders, so
+every copy takes the same step.
 
 Training forward -> :class:`StageOutput`; the cached inference forward is :meth:`EarlyExitGPTModel.infer`
 (see ``megatron/model/inference.py``).
@@ -20,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
@@ -31,7 +31,7 @@ from .exit_heads import exit_confidence, lm_logits, token_losses
 from .language_model import LanguageModel, output_projection
 from .partition import Partition, partition as make_partition
 
-__all__ = ["StageOutput", "EarlyExitGPTModel", "tied_weight_holders", "allreduce_tied_grads"]
+__all__ = ["StageOutput", "EarlyExitGPTModel", "tied_weight_holders"]
 
 WORD_EMBEDDINGS, OUTPUT_LAYER = "word_embeddings", "output_layer"
 
@@ -130,9 +130,6 @@ class EarlyExitGPTModel(nn.Module):
         return {name: sorted({s for s, _ in holders})
                 for name, holders in tied_weight_holders(self.partition, self.config, self.ee).items()}
 
-    def allreduce_tied_grads(self, group) -> None:
-        allreduce_tied_grads([self], group)
-
     def _shared_weight(self, name: str) -> nn.Parameter:
         lm = self.language_model
         if name == WORD_EMBEDDINGS:
@@ -193,21 +190,3 @@ class EarlyExitGPTModel(nn.Module):
         from .inference import inference_forward
 
         return inference_forward(self, *args, **kwargs)
-
-
-def allreduce_tied_grads(models: list[EarlyExitGPTModel], group=None) -> None:
-    """Sum the gradients of every shared projection over all its copies: first over the given chunks of
-    this rank, then over ``group`` (the holders' stages, from ``ParallelState.new_stage_group``; ``None``
-    for one process). Every copy ends with the total gradient."""
-    by_name: dict[str, list[nn.Parameter]] = {}
-    for m in models:
-        for name, p in m.tied_parameters().items():
-            by_name.setdefault(name, []).append(p)
-    for name in sorted(by_name):
-        params = by_name[name]
-        grads = [p.grad for p in params if p.grad is not None]
-        total = torch.stack(grads).sum(0) if grads else torch.zeros_like(params[0])
-        if group is not None:
-            dist.all_reduce(total, group=group)
-        for p in params:
-            p.grad = total.clone()

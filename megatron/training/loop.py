@@ -122,7 +122,7 @@ def evaluate(run: TrainingRun) -> dict[str, float]:
                                          tensor_shape=run.tensor_shape, exit_weights={}).mean()
                 for k, v in reduce_losses(local, keys, run.state).items():
                     sums[k] = sums.get(k, 0.0) + v
-                run.args.consumed_valid_samples += t.global_batch_size
+                run.consumed_valid_samples += t.global_batch_size
     finally:
         set_train_mode(run.chunks, t.tune_exit)
     return {k: v / t.eval_iters for k, v in sums.items()}
@@ -187,7 +187,7 @@ class _Reporter:
         t = run.cfg.training
         seconds = s.time_per_iteration
         self.print(format_train_line(
-            iteration=run.iteration, train_iters=run.train_iters, consumed_samples=run.args.consumed_train_samples,
+            iteration=run.iteration, train_iters=run.train_iters, consumed_samples=run.consumed_train_samples,
             ms_per_iteration=seconds * 1000.0, learning_rate=lr, global_batch_size=t.global_batch_size,
             losses=s.mean_losses(), exit_weights=step.exit_weights, loss_scale=run.optimizer.loss_scale,
             grad_norm=step.grad_norm, num_zeros=step.num_zeros, skipped=s.skipped, nan=s.nan,
@@ -240,7 +240,7 @@ def train(run: TrainingRun, trackers: Trackers, start_time: float | None = None)
             t0 = time.perf_counter()
             step = train_step(run)
             run.iteration += 1
-            run.args.consumed_train_samples += run.samples_per_iteration
+            run.consumed_train_samples += run.samples_per_iteration
             reporter.step(step, time.perf_counter() - t0)
             if run.has_valid and run.iteration % t.eval_interval == 0:
                 reporter.evaluation(f"iteration {run.iteration}", evaluate(run))

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from megatron.config import EarlyExitConfig, ModelConfig
+from megatron.core.distributed.finalize import reduce_tied_grads
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import model_parallel_seed
 from megatron.core.transformer import InferenceParams
-from megatron.model import EarlyExitGPTModel, allreduce_tied_grads, partition
+from megatron.model import EarlyExitGPTModel, partition
 
 GPT = dict(normalization="LayerNorm", swiglu=False, position_embedding_type="learned_absolute")
 LLAMA = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", num_query_groups=2,
@@ -100,7 +101,7 @@ def test_split_equals_unsplit(arch, pp, vpp, lps):
             torch.testing.assert_close(exits[layer], exits_ref[layer], rtol=0, atol=1e-6)
         loss_ref.backward()
         loss.backward()
-        allreduce_tied_grads(chunks, None)
+        reduce_tied_grads(chunks, None, attr="grad")  # one process holds every copy: no group
         seen = set()
         for m in chunks:
             for k, p in m.named_parameters():
@@ -304,16 +305,14 @@ def test_seeded_init_is_layout_independent_on_the_model_device(tp):
 def test_use_cpu_initialization_reaches_the_model_recipe():
     """--use-cpu-initialization (a GPU run starting from a CPU run's weights): the flag reaches the model
     config and the recipe draws on the CPU, which on a CPU weight is the plain draw."""
-    from megatron.arguments import parse_args, validate_args
+    from megatron.arguments import parse_args, resolve
     from megatron.core.transformer import SeededInit
-    from megatron.training.config import configs_from_args
 
     flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
              "--max-position-embeddings", "8", "--micro-batch-size", "1", "--lr", "1e-3", "--train-iters", "1",
              "--mock-data", "--vocab-size", "64", "--device", "cpu"]
     for extra, want in (([], False), (["--use-cpu-initialization"], True)):
-        args = validate_args(parse_args(flags + extra), 1)
-        assert configs_from_args(args, 64).model.use_cpu_initialization is want
+        assert resolve(parse_args(flags + extra), 1, vocab_size=64).model.use_cpu_initialization is want
     a, b = torch.empty(5, 3), torch.empty(5, 3)
     SeededInit(1, 0.02, 2).normal(1, "w")(a)
     SeededInit(1, 0.02, 2, on_cpu=True).normal(1, "w")(b)

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from megatron.config import EarlyExitConfig, ModelConfig
 from megatron.core.parallel_state import ParallelState
 from megatron.model import EarlyExitGPTModel
-from megatron.training.config import LoggingConfig
+from megatron.run_config import LoggingConfig
 from megatron.training.logging_utils import ProgressBar, format_eval_line, format_train_line, ppl
 from megatron.training.metrics import IntervalStats, flops_per_iteration, loss_keys, peak_memory_mb, reduce_losses
 from megatron.training.trackers import Trackers, build_trackers
