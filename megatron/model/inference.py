@@ -33,7 +33,7 @@ import torch
 
 from .exit_heads import EarlyExitTransformerLayer, full_vocab_logits, lm_logits
 
-__all__ = ["HeadView", "InferenceOutput", "ExitDecider", "inference_forward"]
+__all__ = ["HeadView", "InferenceOutput", "ExitDecider", "head_projection", "inference_forward"]
 
 
 class HeadView:
@@ -130,9 +130,12 @@ def _range(model, layers: tuple[int, int] | None) -> tuple[int, int]:
     return lo, hi
 
 
-def _projector(model, weight) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``[n, b, h]`` -> full-vocabulary logits of the real vocabulary as rows ``[b n, V]`` (float32)."""
+def head_projection(model, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The vocabulary projection of head ``layer`` (an exit, or ``num_layers``: the final head): ``[n, b, h]``
+    -> logits of the real vocabulary as rows ``[b n, V]`` (float32, gathered over tensor parallelism).
+    The one place a head's logits are computed at inference (a reduced-vocabulary head would go here)."""
     group, vocab = model.state.tp_group, model.config.vocab_size
+    weight = model.output_weight() if layer == model.config.num_layers else model.exit_weight(layer)
 
     @torch.no_grad()  # called lazily, after the forward returned
     def project(h: torch.Tensor) -> torch.Tensor:
@@ -140,10 +143,6 @@ def _projector(model, weight) -> Callable[[torch.Tensor], torch.Tensor]:
         return logits.reshape(-1, logits.shape[-1])[:, :vocab].float()
 
     return project
-
-
-def _exit_view(model, layer: int, h_exit: torch.Tensor) -> HeadView:
-    return HeadView(layer, h_exit, _projector(model, model.exit_weight(layer)), chunk=model)
 
 
 def _start(model, lo: int, input_ids, hidden_states, position_ids, offset: int):
@@ -189,7 +188,7 @@ def inference_forward(model, input_ids=None, *, inference_params, hidden_states=
             h, h_exit = layer(h, attention_mask, rope, inference_params, with_exit=want, exit_last=num_last)
             if not want:
                 continue
-            view = out.exits[number] = _exit_view(model, number, h_exit)
+            view = out.exits[number] = HeadView(number, h_exit, head_projection(model, number), chunk=model)
             fire = decider(view) if deciding else None
             if fire is None:
                 continue
@@ -203,5 +202,6 @@ def inference_forward(model, input_ids=None, *, inference_params, hidden_states=
         out.hidden = h
         if model.spec.has_head and hi == model.config.num_layers:
             normed = model.language_model.encoder.final_norm(h if num_last is None else h[-num_last:])
-            out.final = HeadView(model.config.num_layers, normed, _projector(model, model.output_weight()), chunk=model)
+            top = model.config.num_layers
+            out.final = HeadView(top, normed, head_projection(model, top), chunk=model)
         return out

@@ -61,9 +61,10 @@ MEASURES = tuple(MEASURE_RULES)
 
 
 def check_measure(measure: str) -> str:
-    """``measure`` if it names a known confidence measure, else a ValueError naming the field."""
-    if measure not in MEASURES:
-        raise ValueError(f"confidence: unknown measure {measure!r}; use one of {', '.join(MEASURES)}")
+    """``measure`` if it names a known confidence measure (an entry of :data:`MEASURE_RULES`), else a
+    ValueError naming the field."""
+    if measure not in MEASURE_RULES:
+        raise ValueError(f"confidence: unknown measure {measure!r}; use one of {', '.join(MEASURE_RULES)}")
     return measure
 
 
@@ -90,7 +91,8 @@ def confidence(measure: str, logits: torch.Tensor, *, prev_hidden: torch.Tensor 
                hidden: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
     """Confidence ``[b]`` (float32, in [0, 1]) of exit ``logits`` ``[b, V]`` under ``measure``.
     ``temperature`` divides the logits first (an exit's training temperature); ``cosine`` ignores it."""
-    check_measure(measure)
+    if measure not in MEASURES:
+        raise ValueError(f"confidence: unknown measure {measure!r}; use one of {', '.join(MEASURES)}")
     if logits.dim() != 2:
         raise ValueError(f"confidence: logits must be [b, V], got shape {tuple(logits.shape)}")
     b, vocab = logits.shape
