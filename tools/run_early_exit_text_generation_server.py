@@ -14,6 +14,7 @@ refuses to start unless ``--random-weights`` is given. Start-up logic: megatron/
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
         return 2
     engine = InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
     signal.signal(signal.SIGTERM, _interrupt)
-    serve(lambda request: generate(engine, request), state, model_info(args, run, tokenizer), args.host, args.port)
+    # generate(engine, request, stream=...): the server streams /v1/completions as tokens are decided
+    serve(functools.partial(generate, engine), state, model_info(args, run, tokenizer), args.host, args.port)
     return 0
 
 
