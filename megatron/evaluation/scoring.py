@@ -92,7 +92,7 @@ class ExitScorer:
             h = out.hidden
         return views, out.final
 
-    def forward(self, tokens: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor | None]:
+    def forward(self, tokens: torch.Tensor):
         """Every exit, eagerly: -> (exit logits ``{layer: [b, s, vocab]}``, exit hidden ``{layer: [b, s, h]}``,
         final logits or None when ``exit_layer`` stopped early)."""
         views, final = self.views(tokens.to(self.state.device), self.ee.exit_layer_nums, self.exit_layer)

@@ -41,7 +41,8 @@ class EarlyExitTransformerLayer(TransformerLayer):
                 config, state=state, layer_number=block_number, init=InitScope(recipe, block_number),
                 rng_tracker=rng_tracker)
 
-    def exit_head(self, h, attention_mask=None, rope=None, inference_params=None, last: int | None = None) -> torch.Tensor:
+    def exit_head(self, h, attention_mask=None, rope=None, inference_params=None,
+                  last: int | None = None) -> torch.Tensor:
         """Exit block then exit norm (each if configured): the hidden state the exit projects. ``last``: of
         the last positions only (the exit block still runs on every position: they all need its KV)."""
         if self.exit_block is not None:

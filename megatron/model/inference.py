@@ -48,8 +48,8 @@ class HeadView:
 
     __slots__ = ("layer", "batch", "positions", "chunk", "_hidden_sbh", "_hidden", "_project", "_logits")
 
-    def __init__(self, layer: int, hidden_sbh: torch.Tensor | None, project: Callable[[torch.Tensor], torch.Tensor] | None,
-                 *, chunk=None, logits: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
+    def __init__(self, layer: int, hidden_sbh: torch.Tensor | None,
+                 project: Callable[[torch.Tensor], torch.Tensor] | None, *, chunk=None, logits: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
         self.layer, self.chunk = layer, chunk
         self._hidden_sbh, self._project = hidden_sbh, project
         self._hidden, self._logits = hidden, logits

@@ -54,8 +54,8 @@ def _logit_measure(name: str) -> Measure:
 
 MEASURE_RULES: dict[str, Measure] = {
     **{name: _logit_measure(name) for name in ("top1", "margin", "entropy")},
-    "cosine": Measure("cosine", lambda view, prev, temperature: _cosine(prev, view.hidden, view.rows, view.hidden.device),
-                      compares=True),
+    "cosine": Measure("cosine", lambda view, prev, temperature: _cosine(prev, view.hidden, view.rows,
+                                                                          view.hidden.device), compares=True),
 }
 MEASURES = tuple(MEASURE_RULES)
 

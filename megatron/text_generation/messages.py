@@ -179,21 +179,25 @@ class ScoreReport:
 
 
 @dataclass
-class Parents:
-    """Beam search: the old cache row each row continues ``[b]`` (with ``Header.reorder``)."""
+class _RowIds:
+    """One id per row ``[b]``."""
 
-    rows: torch.Tensor
+    ids: torch.Tensor
 
     @staticmethod
     def size(b: int) -> int:
         return b
 
     def pack(self) -> torch.Tensor:
-        return _flat(self.rows)
+        return _flat(self.ids)
 
     @classmethod
-    def unpack(cls, t: torch.Tensor) -> "Parents":
+    def unpack(cls, t: torch.Tensor):
         return cls(_ids(t))
+
+
+class Parents(_RowIds):
+    """Beam search: the old cache row each row continues (with ``Header.reorder``)."""
 
 
 @dataclass
@@ -218,36 +222,12 @@ class BeamReport:
 
 # ----------------------------------------------------------------------------------- speculative
 
-@dataclass
-class Fed:
-    """A draft step's tokens fed last ``[b]`` (for ``prevent_newline_after_colon``)."""
-
-    tokens: torch.Tensor
-
-    @staticmethod
-    def size(b: int) -> int:
-        return b
-
-    def pack(self) -> torch.Tensor:
-        return _flat(self.tokens)
-
-    @classmethod
-    def unpack(cls, t: torch.Tensor) -> "Fed":
-        return cls(_ids(t))
+class Fed(_RowIds):
+    """A draft step's tokens fed last (for ``prevent_newline_after_colon``)."""
 
 
-@dataclass
-class Drafts:
-    tokens: torch.Tensor  # [b]
-
-    size = Fed.size
-
-    def pack(self) -> torch.Tensor:
-        return _flat(self.tokens)
-
-    @classmethod
-    def unpack(cls, t: torch.Tensor) -> "Drafts":
-        return cls(_ids(t))
+class Drafts(_RowIds):
+    """The drafted token of each row."""
 
 
 @dataclass

@@ -11,7 +11,8 @@ from megatron.text_generation.request import EarlyExitParams, GenerationRequest
 from tests.unit.test_generation_common import PROMPTS, configs, engine, exits, greedy
 from tests.unit.test_speculative import spec
 
-MODES = {"full": EarlyExitParams(), "A": exits(0.3, "recompute"), "B": exits(0.3, "pipeline"), "speculative": spec(2, 1)}
+MODES = {"full": EarlyExitParams(), "A": exits(0.3, "recompute"), "B": exits(0.3, "pipeline"),
+         "speculative": spec(2, 1)}
 
 
 def _worker(rank, world):
@@ -23,7 +24,8 @@ def _worker(rank, world):
         request = GenerationRequest([" ".join(map(str, p)) for p in PROMPTS], greedy(6), ee)
         result = generate(eng, request, stream=deltas.append if state.is_first_stage else None)
         streamed = {i: ("".join(d.text for d in deltas if d.index == i),
-                        [layer for d in deltas if d.index == i for layer in d.exit_layers]) for i in range(len(PROMPTS))}
+                        [layer for d in deltas if d.index == i for layer in d.exit_layers])
+                    for i in range(len(PROMPTS))}
         out[name] = (streamed, result.texts, result.exit_layers, len([d for d in deltas if d.tokens]))
     return out
 

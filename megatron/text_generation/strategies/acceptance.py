@@ -74,7 +74,8 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, free:
     b, k = drafts.shape
     p_d = p[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
     q_d = q.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
-    ok = ~free | (accept.double() * q_d.double() < p_d.double())  # u < p/q without dividing by q (q(d) > 0: d was drawn from q)
+    # u < p/q without dividing by q (q(d) > 0: d was drawn from q)
+    ok = ~free | (accept.double() * q_d.double() < p_d.double())
 
     def correction(rows: torch.Tensor, m: int) -> torch.Tensor:
         dist = p[rows, m]

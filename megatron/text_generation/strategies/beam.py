@@ -33,7 +33,7 @@ class BeamRunner(StageRunner):
 
     def step(self, header: Header, payload: torch.Tensor, ids=None, hidden=None) -> Step:
         if header.reorder:
-            self._reorder(Parents.unpack(payload).rows)
+            self._reorder(Parents.unpack(payload).ids)
         out = self.eng.model.infer(ids, inference_params=self.kv, hidden_states=hidden, num_last=1)
         report = None
         if self.eng.is_last:

@@ -98,7 +98,7 @@ class SpeculativeRunner(StageRunner):
             return self._forward(header.offset, (0, self.exit), ids, hidden).hidden, None
         out = self._forward(header.offset, (0, self.exit), ids, hidden, exits=(self.exit,), num_last=1)
         self._keep(header.offset, out.hidden)
-        x = self._ban(out.exits[self.exit].logits(), Fed.unpack(payload).tokens)
+        x = self._ban(out.exits[self.exit].logits(), Fed.unpack(payload).ids)
         if self.sampled:
             q = sampling_probs(x, self.sampling, header.step)
             self.q.append(q)

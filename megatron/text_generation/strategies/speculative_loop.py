@@ -81,7 +81,7 @@ def _draft(runner, batch: _Batch, first: int, c: int, k: int) -> None:
         header = Header(RUN, MODE_DRAFT, n=c + i - lo, offset=lo, step=c + i - batch.min_len)
         drafts = Drafts.unpack(runner.drive(header, Fed(batch.tokens[:, c + i - 1]).pack(), batch.tokens[:, lo: c + i]))
         generated = batch.lengths <= c + i
-        batch.tokens[:, c + i] = torch.where(generated, drafts.tokens, batch.tokens[:, c + i])
+        batch.tokens[:, c + i] = torch.where(generated, drafts.ids, batch.tokens[:, c + i])
 
 
 def _commit(batch: _Batch, verdict: VerdictReport, c: int, exit_layer: int, num_layers: int) -> torch.Tensor:
