@@ -130,12 +130,12 @@ def _range(model, layers: tuple[int, int] | None) -> tuple[int, int]:
     return lo, hi
 
 
-def head_projection(model, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The vocabulary projection of head ``layer`` (an exit, or ``num_layers``: the final head): ``[n, b, h]``
-    -> logits of the real vocabulary as rows ``[b n, V]`` (float32, gathered over tensor parallelism).
-    The one place a head's logits are computed at inference (a reduced-vocabulary head would go here)."""
+def head_projection(model, exit_layer: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The vocabulary projection of exit ``exit_layer`` (None: the final head): ``[n, b, h]`` -> logits of
+    the real vocabulary as rows ``[b n, V]`` (float32, gathered over tensor parallelism). The one place a
+    head's logits are computed at inference (a reduced-vocabulary head would go here)."""
     group, vocab = model.state.tp_group, model.config.vocab_size
-    weight = model.output_weight() if layer == model.config.num_layers else model.exit_weight(layer)
+    weight = model.output_weight() if exit_layer is None else model.exit_weight(exit_layer)
 
     @torch.no_grad()  # called lazily, after the forward returned
     def project(h: torch.Tensor) -> torch.Tensor:
@@ -202,6 +202,5 @@ def inference_forward(model, input_ids=None, *, inference_params, hidden_states=
         out.hidden = h
         if model.spec.has_head and hi == model.config.num_layers:
             normed = model.language_model.encoder.final_norm(h if num_last is None else h[-num_last:])
-            top = model.config.num_layers
-            out.final = HeadView(top, normed, head_projection(model, top), chunk=model)
+            out.final = HeadView(model.config.num_layers, normed, head_projection(model, None), chunk=model)
         return out

@@ -123,8 +123,11 @@ class StageRunner(ABC):
                 self.finish()
                 return
             self.before_step(header)
-            if header.status == FAILED or self.failed_at is not None:
-                self._answer_failed(header, header.failed_at if self.failed_at is None else self.failed_at)
+            if header.status == FAILED:  # failed upstream in this step
+                self._answer_failed(header, header.failed_at)
+                continue
+            if self.failed_at is not None:  # failed in an earlier step: this step fails here
+                self._answer_failed(header, self.eng.stage)
                 continue
             try:
                 step = self._run(header, payload, hidden=hidden)
@@ -139,6 +142,8 @@ class StageRunner(ABC):
                 self.after_send(step.header)
 
     def _answer_failed(self, header: Header, failed_at: int) -> None:
+        """``failed_at``: the first stage where this step failed (what travels on tells the stages below
+        what was sent in this step: ``SpeculativeRunner.before_step``)."""
         if self.failed_at is None:
             self.failed_at = failed_at
         if self.reports_here(header):

@@ -1,8 +1,9 @@
 """A failure during a generation step, on any pipeline stage, leaves every rank ready for the next
-request (pp = 2, gloo): a step made to raise once on stage 1, then once on stage 0, in the middle of a
+request (gloo): at pp = 2 a step made to raise once on stage 1, then once on stage 0, in the middle of a
 generation of each strategy (token by token by methods A and B, speculative greedy and sampled with the
 draft exit on either stage, beam search, scoring) makes that request fail on every rank, and the next
-request returns exactly what the same request returned before the failure."""
+request returns exactly what the same request returned before the failure; at pp = 3 the same with the
+middle and the last stage failing."""
 
 import pytest
 
@@ -56,15 +57,16 @@ def _outcome(eng, request):
     return "ok", (out.tokens, out.exit_layers, out.prompt_logprobs)
 
 
-def _worker(rank, world):
-    state = ParallelState.build(ParallelDims(pp=2))
-    eng = engine(*configs("gpt", exits=(1, 2, 3)), state=state)
+def _worker(rank, world, names, stages):
+    state = ParallelState.build(ParallelDims(pp=world))
+    eng = engine(*configs("gpt", exits=(1, 2, 3), num_layers=2 * world), state=state)
     injector = _Injector()
     StageRunner._run = injector.wrap(StageRunner._run)  # a forked worker: the patch dies with it
     out = {}
-    for name, request in REQUESTS.items():
+    for name in names:
+        request = REQUESTS[name]
         before = _outcome(eng, request)
-        for stage in (1, 0):
+        for stage in stages:
             injector.arm(stage, request[3])
             failed = _outcome(eng, request)
             again = _outcome(eng, request)
@@ -72,15 +74,21 @@ def _worker(rank, world):
     return state.pp_rank, out
 
 
-def test_a_failed_step_on_any_stage_leaves_every_rank_serving():
-    results = dict(run_distributed(_worker, 2, timeout=300))  # stage -> outcomes
+# pp = 3: a middle stage fails while the draft exit's stage (0) sends the drafts' distributions straight
+# to the last stage, which must still take them
+@pytest.mark.parametrize("pp, names, stages", [
+    (2, list(REQUESTS), (1, 0)),
+    (3, ["speculative_sampled", "early_exit_B", "early_exit_A"], (1, 2)),
+], ids=["pp2", "pp3"])
+def test_a_failed_step_on_any_stage_leaves_every_rank_serving(pp, names, stages):
+    results = dict(run_distributed(_worker, pp, names, stages, timeout=300))  # stage -> outcomes
     for (name, stage), (before, failed, again, _) in results[0].items():
         assert results[stage][(name, stage)][3], (name, stage)  # the injected step ran there and raised
-        for rank_stage in (0, 1):
+        for rank_stage in range(pp):
             b, f, a, _ = results[rank_stage][(name, stage)]
             assert b[0] == "ok" and b == before, (name, stage, rank_stage)
             assert f[0] == "raised", (name, stage, rank_stage, f)  # the failed request raised on every rank
             assert a == before, (name, stage, rank_stage)  # and the next request gives the same answer
         # stage 0 raises its own error, or the stage failure a later stage reported; the others GenerationFailed
         assert failed[1] == ("RuntimeError" if stage == 0 else "StageFailure"), (name, stage, failed)
-        assert results[1][(name, stage)][1][1] == "GenerationFailed", (name, stage)
+        assert all(results[r][(name, stage)][1][1] == "GenerationFailed" for r in range(1, pp)), (name, stage)

@@ -20,15 +20,16 @@ from tests.unit.test_speculative import one_thread  # noqa: F401 -- autouse: one
 
 @pytest.fixture
 def projections(monkeypatch):
-    """Counts the vocabulary projections the views run, by head layer (num_layers: the final head)."""
+    """Counts the vocabulary projections the views run, by exit layer (4: the final head)."""
     counts = {}
     real = inference.head_projection
 
     def counting(model, layer):
         project = real(model, layer)
+        key = model.config.num_layers if layer is None else layer
 
         def run(h):
-            counts[layer] = counts.get(layer, 0) + 1
+            counts[key] = counts.get(key, 0) + 1
             return project(h)
 
         return run
