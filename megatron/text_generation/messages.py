@@ -141,7 +141,12 @@ class GenReport:
 
     @classmethod
     def unpack(cls, t: torch.Tensor) -> "GenReport":
-        return cls(bool(t[0] > 0.5), bool(t[1] > 0.5), Carry.unpack(t[2:]))
+        complete, full_depth = (v > 0.5 for v in t[:2].tolist())  # one host read for both flags
+        return cls(complete, full_depth, Carry.unpack(t[2:]))
+
+    @staticmethod
+    def is_complete(t: torch.Tensor) -> bool:
+        return bool(t[0] > 0.5)
 
 
 # ------------------------------------------------------------------------- scoring and beam search

@@ -76,7 +76,8 @@ class TokenRunner(StageRunner):
         return list(range(1, pp)) if self.method == PIPELINE else [pp - 1]
 
     def completes(self, header: Header, report: torch.Tensor) -> bool:
-        return GenReport.unpack(report).complete
+        # method A: the one report (the last stage's) completes the step; B: the first "complete" one
+        return self.method != PIPELINE or GenReport.is_complete(report)
 
     def step(self, header: Header, payload: torch.Tensor, ids=None, hidden=None) -> Step:
         eng, picker = self.eng, self.picker
