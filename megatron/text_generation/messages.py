@@ -82,27 +82,28 @@ class Carry:
     """Per-sequence decisions of one token-by-token step: ``exited`` (the token is settled), ``exit_layer``,
     ``token`` and its ``logprob``; and ``prev_hidden`` ``[b, h]``, the hidden state at the last computed exit
     for measures that compare with it (None before the step's first exit). Packs to ``[4 b]``, then with a
-    ``hidden_size`` a presence flag and the states ``[1 + b h]``."""
+    ``hidden_size`` (the payload of a comparing measure) a presence flag and the states ``[1 + b h]``."""
 
     def __init__(self, exited: torch.Tensor, exit_layer: torch.Tensor, token: torch.Tensor, logprob: torch.Tensor,
-                 prev_hidden: torch.Tensor | None = None):
+                 prev_hidden: torch.Tensor | None = None, hidden_size: int = 0):
         self.exited, self.exit_layer, self.token, self.logprob = exited, exit_layer, token, logprob
-        self.prev_hidden = prev_hidden
+        self.prev_hidden, self.hidden_size = prev_hidden, hidden_size
 
     @classmethod
-    def start(cls, decided: torch.Tensor, prev_token: torch.Tensor) -> "Carry":
+    def start(cls, decided: torch.Tensor, prev_token: torch.Tensor, hidden_size: int = 0) -> "Carry":
         """``decided``: sequences whose token is not needed this step (still in their prompt, or
         finished); ``prev_token``: the token fed last (for ``prevent_newline_after_colon``)."""
         b = decided.shape[0]
         return cls(decided.clone(), torch.zeros(b, dtype=torch.long, device=decided.device), prev_token.clone(),
-                   torch.zeros(b, dtype=torch.float32, device=decided.device))
+                   torch.zeros(b, dtype=torch.float32, device=decided.device), hidden_size=hidden_size)
 
     @staticmethod
     def packed_len(b: int, hidden_size: int = 0) -> int:
         return 4 * b + (1 + b * hidden_size if hidden_size else 0)
 
-    def pack(self, hidden_size: int = 0) -> torch.Tensor:
-        """``hidden_size`` 0: the decisions only (reports to stage 0)."""
+    def pack(self, hidden_size: int | None = None) -> torch.Tensor:
+        """``hidden_size``: the carry's own by default; 0: the decisions only (reports to stage 0)."""
+        hidden_size = self.hidden_size if hidden_size is None else hidden_size
         parts = [self.exited, self.exit_layer, self.token, self.logprob]
         if hidden_size:
             device, b = self.exited.device, self.exited.shape[0]
@@ -118,7 +119,7 @@ class Carry:
         prev = None
         if hidden_size and t[4 * b] > 0.5:
             prev = t[4 * b + 1:].view(b, hidden_size).float()
-        return cls(e > 0.5, _ids(layer), _ids(tok), lp.float(), prev)
+        return cls(e > 0.5, _ids(layer), _ids(tok), lp.float(), prev, hidden_size)
 
 
 @dataclass
@@ -137,16 +138,13 @@ class GenReport:
 
     def pack(self) -> torch.Tensor:
         flags = torch.tensor([float(self.complete), float(self.full_depth)], device=self.carry.exited.device)
-        return torch.cat([flags.double(), self.carry.pack()])
+        return torch.cat([flags.double(), self.carry.pack(0)])
 
     @classmethod
     def unpack(cls, t: torch.Tensor) -> "GenReport":
         complete, full_depth = (v > 0.5 for v in t[:2].tolist())  # one host read for both flags
         return cls(complete, full_depth, Carry.unpack(t[2:]))
 
-    @staticmethod
-    def is_complete(t: torch.Tensor) -> bool:
-        return bool(t[0] > 0.5)
 
 
 # ------------------------------------------------------------------------- scoring and beam search

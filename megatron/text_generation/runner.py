@@ -35,13 +35,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Step:
-    """One stage's result of a step: the header, payload (packed) and hidden states for the next stage,
-    and the report body for stage 0 (a message's ``pack()``; None: this stage reports nothing)."""
+    """One stage's result of a step: the header, payload and hidden states for the next stage, and the
+    report for stage 0 (None: this stage reports nothing). Payload and report are the typed messages of
+    ``messages.py``; they are packed only to cross a process boundary."""
 
     header: Header
-    payload: torch.Tensor | None
+    payload: object
     hidden: torch.Tensor | None
-    report: torch.Tensor | None = None
+    report: object = None
 
 
 class StageRunner(ABC):
@@ -56,16 +57,24 @@ class StageRunner(ABC):
 
     # ------------------------------------------------------------------ the strategy's part
     @abstractmethod
-    def step(self, header: Header, payload: torch.Tensor, ids=None, hidden=None) -> Step:
+    def step(self, header: Header, payload, ids=None, hidden=None) -> Step:
         """This stage's work of one step (``ids`` on stage 0, else ``hidden`` unless the step skips here)."""
 
     @abstractmethod
     def payload_len(self, header: Header) -> int:
-        """The size of the step's payload."""
+        """The packed size of the step's payload."""
+
+    @abstractmethod
+    def read_payload(self, header: Header, t: torch.Tensor):
+        """The step's payload message from its packed form."""
 
     @abstractmethod
     def report_len(self, header: Header) -> int:
-        """The size of the report body stage 0 expects for this step."""
+        """The packed size of the report body stage 0 expects for this step."""
+
+    @abstractmethod
+    def read_report(self, header: Header, t: torch.Tensor):
+        """The step's report message from its packed body."""
 
     def hidden_len(self, header: Header) -> int:
         """Positions of the hidden states this stage receives."""
@@ -83,7 +92,7 @@ class StageRunner(ABC):
         """Stage 0: the stages whose reports it reads, in order, until one :meth:`completes` the step."""
         return [self.eng.state.pp - 1]
 
-    def completes(self, header: Header, report: torch.Tensor) -> bool:
+    def completes(self, header: Header, report) -> bool:
         return True
 
     def before_step(self, header: Header) -> None:
@@ -93,17 +102,17 @@ class StageRunner(ABC):
         """After the step went down the pipeline: send what travels outside the header chain."""
 
     # ------------------------------------------------------------------ stage 0
-    def drive(self, header: Header, payload: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Stage 0: run the step here, pass it down, and return the step's report body."""
+    def drive(self, header: Header, payload, ids: torch.Tensor):
+        """Stage 0: run the step here, pass it down, and return the step's report message."""
         step = self._run(header, payload, ids=ids)
         if not self.ends_here(header):
-            self.eng.send_down(step.header, step.payload, step.hidden)
+            self.eng.send_down(step.header, step.payload.pack(), step.hidden)
             self.after_send(step.header)
         if step.report is not None and self.completes(header, step.report):
             return step.report
         size = self.report_len(header)
         for stage in self.report_sources(header):
-            report = open_report(self.eng.recv_report(stage, 1 + size))
+            report = self.read_report(header, open_report(self.eng.recv_report(stage, 1 + size)))
             if self.completes(header, report):
                 return report
         raise RuntimeError("no pipeline stage completed the step")  # the last source always does
@@ -130,15 +139,15 @@ class StageRunner(ABC):
                 self._answer_failed(header, self.eng.stage)
                 continue
             try:
-                step = self._run(header, payload, hidden=hidden)
+                step = self._run(header, self.read_payload(header, payload), hidden=hidden)
             except Exception:  # noqa: BLE001 -- answered below; stage 0 raises it for the request
                 log.exception("pipeline stage %d: generation step failed", self.eng.stage)
                 self._answer_failed(header, self.eng.stage)
                 continue
             if step.report is not None:  # report before passing down: stage 0 may start the next step sooner
-                self.eng.report(pack_report(step.report))
+                self.eng.report(pack_report(step.report.pack()))
             if not self.ends_here(header):
-                self.eng.send_down(step.header, step.payload, step.hidden)
+                self.eng.send_down(step.header, step.payload.pack(), step.hidden)
                 self.after_send(step.header)
 
     def _answer_failed(self, header: Header, failed_at: int) -> None:
@@ -152,7 +161,7 @@ class StageRunner(ABC):
             self.eng.send_down(replace(header, status=FAILED, failed_at=failed_at))
 
     # ------------------------------------------------------------------ both
-    def _run(self, header: Header, payload: torch.Tensor, ids=None, hidden=None) -> Step:
+    def _run(self, header: Header, payload, ids=None, hidden=None) -> Step:
         self.kv.sequence_len_offset = header.offset
         step = self.step(header, payload, ids=ids, hidden=hidden)
         if self.observer is not None:

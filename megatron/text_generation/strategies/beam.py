@@ -28,17 +28,23 @@ class BeamRunner(StageRunner):
     def payload_len(self, header: Header) -> int:
         return Parents.size(self.b)
 
+    def read_payload(self, header: Header, t: torch.Tensor) -> Parents:
+        return Parents.unpack(t)
+
     def report_len(self, header: Header) -> int:
         return BeamReport.size(self.b, self.beam_k)
 
-    def step(self, header: Header, payload: torch.Tensor, ids=None, hidden=None) -> Step:
+    def read_report(self, header: Header, t: torch.Tensor) -> BeamReport:
+        return BeamReport.unpack(t, self.b)
+
+    def step(self, header: Header, payload: Parents, ids=None, hidden=None) -> Step:
         if header.reorder:
-            self._reorder(Parents.unpack(payload).ids)
+            self._reorder(payload.ids)
         out = self.eng.model.infer(ids, inference_params=self.kv, hidden_states=hidden, num_last=1)
         report = None
         if self.eng.is_last:
             top = torch.topk(torch.log_softmax(out.final.logits(), dim=-1), self.beam_k, dim=-1)
-            report = BeamReport(top.values, top.indices).pack()
+            report = BeamReport(top.values.double(), top.indices)
         return Step(header, payload, out.hidden, report)
 
     def _reorder(self, parents: torch.Tensor) -> None:
@@ -70,7 +76,7 @@ def beam_loop(runner, prompt: list[int], sampling, stop_ids: set[int]) -> tuple[
     device = eng.device
     ids = torch.tensor([prompt] * width, dtype=torch.long, device=device)
     header = Header(RUN, MODE_BEAM, n=len(prompt), offset=0)
-    report = BeamReport.unpack(runner.drive(header, Parents(torch.zeros(width, device=device)).pack(), ids), width)
+    report = runner.drive(header, Parents(torch.zeros(width, dtype=torch.long, device=device)), ids)
     beams: list[list[int]] = [[] for _ in range(width)]
     scores = torch.full((width,), float("-inf"), dtype=torch.float64, device=device)
     scores[0] = 0.0  # every row holds the same prompt: expand from one of them only
@@ -101,8 +107,7 @@ def beam_loop(runner, prompt: list[int], sampling, stop_ids: set[int]) -> tuple[
             break
         header = Header(RUN, MODE_BEAM, n=1, offset=len(prompt) + step, reorder=1)
         last = torch.tensor([b[-1] for b in beams], dtype=torch.long, device=device).unsqueeze(1)
-        report = BeamReport.unpack(runner.drive(header, Parents(torch.tensor(parents, device=device)).pack(), last),
-                                   width)
+        report = runner.drive(header, Parents(torch.tensor(parents, device=device)), last)
     runner.finish()
     if len(finished.items) < width:
         for beam, s in zip(beams, scores.tolist()):

@@ -16,19 +16,25 @@ class ScoreRunner(StageRunner):
     def payload_len(self, header: Header) -> int:
         return Targets.size(self.b, header.n)
 
+    def read_payload(self, header: Header, t: torch.Tensor) -> Targets:
+        return Targets.unpack(t, self.b)
+
     def report_len(self, header: Header) -> int:
         return ScoreReport.size(self.b, header.n)
 
-    def step(self, header: Header, payload: torch.Tensor, ids=None, hidden=None) -> Step:
+    def read_report(self, header: Header, t: torch.Tensor) -> ScoreReport:
+        return ScoreReport.unpack(t, self.b)
+
+    def step(self, header: Header, payload: Targets, ids=None, hidden=None) -> Step:
         out = self.eng.model.infer(ids, inference_params=self.kv, hidden_states=hidden)
         report = None
         if self.eng.is_last:
-            targets = Targets.unpack(payload, self.b).ids.flatten()
+            targets = payload.ids.flatten()
             vocab = self.eng.vocab
             lp = torch.log_softmax(out.final.logits(), dim=-1)
             picked = lp.gather(-1, targets.clamp(max=vocab - 1).unsqueeze(-1)).squeeze(-1)
             picked = picked.masked_fill(targets >= vocab, float("-inf"))
-            report = ScoreReport(picked.view(self.b, -1)).pack()
+            report = ScoreReport(picked.view(self.b, -1))
         return Step(header, payload, out.hidden, report)
 
 
@@ -38,7 +44,7 @@ def score_loop(runner: ScoreRunner, prompts: list[list[int]]) -> list[list[float
     width = max(len(p) for p in prompts)
     tokens = prompt_matrix(prompts, width + 1, device)
     targets = Targets(tokens[:, 1:].contiguous())
-    report = runner.drive(Header(RUN, MODE_SCORE, n=width, offset=0), targets.pack(), tokens[:, :width])
+    report = runner.drive(Header(RUN, MODE_SCORE, n=width, offset=0), targets, tokens[:, :width])
     runner.finish()
-    lp = ScoreReport.unpack(report, len(prompts)).logprobs
+    lp = report.logprobs
     return [lp[i, : len(p) - 1].tolist() for i, p in enumerate(prompts)]

@@ -51,8 +51,14 @@ class SpeculativeRunner(StageRunner):
     def payload_len(self, header: Header) -> int:
         return Fed.size(self.b) if header.mode == MODE_DRAFT else VerifyPayload.size(self.b, header.draft)
 
+    def read_payload(self, header: Header, t: torch.Tensor):
+        return Fed.unpack(t) if header.mode == MODE_DRAFT else VerifyPayload.unpack(t, self.b, header.draft)
+
     def report_len(self, header: Header) -> int:
         return Drafts.size(self.b) if header.mode == MODE_DRAFT else VerdictReport.size(self.b, header.draft)
+
+    def read_report(self, header: Header, t: torch.Tensor):
+        return Drafts.unpack(t) if header.mode == MODE_DRAFT else VerdictReport.unpack(t, self.b)
 
     def hidden_len(self, header: Header) -> int:
         """Positions this stage receives: a verify step carries only the last draft up to E's stage."""
@@ -82,7 +88,7 @@ class SpeculativeRunner(StageRunner):
             self.q = []
 
     # ------------------------------------------------------------------ the steps
-    def step(self, header: Header, payload: torch.Tensor, ids=None, hidden=None) -> Step:
+    def step(self, header: Header, payload, ids=None, hidden=None) -> Step:
         if header.mode == MODE_DRAFT:
             hidden_out, report = self._draft(header, payload, ids, hidden)
         else:
@@ -93,21 +99,21 @@ class SpeculativeRunner(StageRunner):
         self.kv.sequence_len_offset = offset
         return self.eng.model.infer(ids, inference_params=self.kv, hidden_states=hidden, layers=layers, **kw)
 
-    def _draft(self, header: Header, payload: torch.Tensor, ids, hidden):
+    def _draft(self, header: Header, payload: Fed, ids, hidden):
         if self.eng.stage < self.exit_stage:
             return self._forward(header.offset, (0, self.exit), ids, hidden).hidden, None
         out = self._forward(header.offset, (0, self.exit), ids, hidden, exits=(self.exit,), num_last=1)
         self._keep(header.offset, out.hidden)
-        x = self._ban(out.exits[self.exit].logits(), Fed.unpack(payload).ids)
+        x = self._ban(out.exits[self.exit].logits(), payload.ids)
         if self.sampled:
             q = sampling_probs(x, self.sampling, header.step)
             self.q.append(q)
             drafts = draw_from(q, self.draws.uniform(DRAFT, self._seqs(), header.step))
         else:
             drafts = x.argmax(dim=-1)
-        return None, Drafts(drafts).pack()
+        return None, Drafts(drafts)
 
-    def _verify(self, header: Header, payload: torch.Tensor, ids, hidden):
+    def _verify(self, header: Header, payload: VerifyPayload, ids, hidden):
         start, stage = header.offset, self.eng.stage
         fresh_at = start + header.n - 1  # the last draft: not yet through layers 1..E
         last = header.draft + 1 if self.eng.is_last else None
@@ -122,10 +128,10 @@ class SpeculativeRunner(StageRunner):
             out = self._forward(start, None, hidden=hidden, num_last=last)
         if not self.eng.is_last:
             return out.hidden, None
-        return None, self._judge(out.final, VerifyPayload.unpack(payload, self.b, header.draft), header)
+        return None, self._judge(out.final, payload, header)
 
-    def _judge(self, final, payload: VerifyPayload, header: Header) -> torch.Tensor:
-        """The last stage: the full model's verdict on the drafts -> a packed :class:`VerdictReport`."""
+    def _judge(self, final, payload: VerifyPayload, header: Header) -> VerdictReport:
+        """The last stage: the full model's verdict on the drafts."""
         k, fed = header.draft, payload.fed
         x = final.per_sequence(final.logits())  # [b, k + 1, V]
         x = torch.stack([self._ban(x[:, i], fed[:, i]) for i in range(k + 1)], dim=1)
@@ -140,7 +146,7 @@ class SpeculativeRunner(StageRunner):
             verdict = verify_greedy(x, drafts, payload.free)
         self.q = []
         logprobs = token_logprobs(x, verdict.tokens)
-        return VerdictReport(verdict.accepted, verdict.tokens, logprobs, verdict.from_draft).pack()
+        return VerdictReport(verdict.accepted, verdict.tokens, logprobs, verdict.from_draft)
 
     # ------------------------------------------------------------------ helpers
     def _seqs(self) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..messages import MODE_DRAFT, MODE_VERIFY, RUN, Drafts, Fed, Header, VerdictReport, VerifyPayload
+from ..messages import MODE_DRAFT, MODE_VERIFY, RUN, Fed, Header, VerdictReport, VerifyPayload
 from ..request import DECODING_MODES, MAX_SPECULATIVE_TOKENS
 from .token_by_token import Decoded, prompt_matrix
 
@@ -79,7 +79,7 @@ def _draft(runner, batch: _Batch, first: int, c: int, k: int) -> None:
     for i in range(k):
         lo = first if i == 0 else c + i - 1
         header = Header(RUN, MODE_DRAFT, n=c + i - lo, offset=lo, step=c + i - batch.min_len)
-        drafts = Drafts.unpack(runner.drive(header, Fed(batch.tokens[:, c + i - 1]).pack(), batch.tokens[:, lo: c + i]))
+        drafts = runner.drive(header, Fed(batch.tokens[:, c + i - 1]), batch.tokens[:, lo: c + i])
         generated = batch.lengths <= c + i
         batch.tokens[:, c + i] = torch.where(generated, drafts.ids, batch.tokens[:, c + i])
 
@@ -133,8 +133,8 @@ def speculative_loop(runner, prompts: list[list[int]], sampling, *, stop_ids: se
         free = batch.free(c, kr)
         _draft(runner, batch, first, c, kr)
         header = Header(RUN, MODE_VERIFY, n=c + kr - first, offset=first, step=c - batch.min_len, draft=kr)
-        payload = VerifyPayload(batch.tokens[:, c - 1: c + kr], free).pack()
-        verdict = VerdictReport.unpack(runner.drive(header, payload, batch.tokens[:, c + kr - 1: c + kr]), len(prompts))
+        payload = VerifyPayload(batch.tokens[:, c - 1: c + kr], free)
+        verdict = runner.drive(header, payload, batch.tokens[:, c + kr - 1: c + kr])
         m = verdict.accepted
         kept = _commit(batch, verdict, c, runner.exit, num_layers)
         rounds += 1

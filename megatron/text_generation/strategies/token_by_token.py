@@ -64,8 +64,14 @@ class TokenRunner(StageRunner):
     def payload_len(self, header: Header) -> int:
         return Carry.packed_len(self.b, self.carry_hidden)
 
+    def read_payload(self, header: Header, t: torch.Tensor) -> Carry:
+        return Carry.unpack(t, self.carry_hidden)
+
     def report_len(self, header: Header) -> int:
         return GenReport.size(self.b)
+
+    def read_report(self, header: Header, t: torch.Tensor) -> GenReport:
+        return GenReport.unpack(t)
 
     def reports_here(self, header: Header) -> bool:
         return self.eng.is_last if self.method == RECOMPUTE else not header.reported
@@ -75,13 +81,11 @@ class TokenRunner(StageRunner):
         pp = self.eng.state.pp
         return list(range(1, pp)) if self.method == PIPELINE else [pp - 1]
 
-    def completes(self, header: Header, report: torch.Tensor) -> bool:
-        # method A: the one report (the last stage's) completes the step; B: the first "complete" one
-        return self.method != PIPELINE or GenReport.is_complete(report)
+    def completes(self, header: Header, report: GenReport) -> bool:
+        return report.complete
 
-    def step(self, header: Header, payload: torch.Tensor, ids=None, hidden=None) -> Step:
+    def step(self, header: Header, carry: Carry, ids=None, hidden=None) -> Step:
         eng, picker = self.eng, self.picker
-        carry = Carry.unpack(payload, self.carry_hidden)
         status, out_hidden = header.status, None
         if status == RUN:
             picker.begin(carry, header.step)
@@ -104,8 +108,7 @@ class TokenRunner(StageRunner):
                 report, out_header.reported = GenReport(True, True, carry), 1
             elif not eng.is_first:
                 report = GenReport(False, True, carry)  # "continue": stage 0 waits for a later stage
-        return Step(out_header, carry.pack(self.carry_hidden), out_hidden if status == RUN else None,
-                    None if report is None else report.pack())
+        return Step(out_header, carry, out_hidden if status == RUN else None, report)
 
 
 def decode_loop(runner: TokenRunner, prompts: list[list[int]], sampling, *, stop_ids: set[int], stop_check=None,
@@ -131,8 +134,7 @@ def decode_loop(runner: TokenRunner, prompts: list[list[int]], sampling, *, stop
         force = recompute_cap is not None and consecutive >= recompute_cap
         step = c - int(lengths.min())
         header = Header(RUN, MODE_GEN, n=c - full, offset=full, step=step, force_full=int(force))
-        carry = Carry.start(~active, tokens[:, c - 1]).pack(runner.carry_hidden)
-        report = GenReport.unpack(runner.drive(header, carry, tokens[:, full:c]))
+        report = runner.drive(header, Carry.start(~active, tokens[:, c - 1], runner.carry_hidden), tokens[:, full:c])
         res = report.carry
         tokens[:, c] = torch.where(active, res.token, tokens[:, c])
         logprob[:, c] = torch.where(active, res.logprob, logprob[:, c])
