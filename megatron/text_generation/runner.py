@@ -7,7 +7,7 @@ until END (see ``messages.py`` for what travels). Every rank sets its KV offset 
 layers of every stage agree on what is cached.
 
 Failures. An exception in a step must not leave a rank waiting for a message that never comes:
-- on stage 0 (its step or its loop), :func:`megatron.text_generation.generation` ends the generation with
+- on stage 0 (its step or its loop), ``generation._run`` ends the generation with
   :meth:`finish` (END), the other stages return from :meth:`serve`, and stage 0 broadcasts the failure;
 - on a later stage, the step's messages are still answered: the stage stage 0 waits on for this step sends a
   FAILED report in place of its report (:meth:`reports_here`), any other stage passes a FAILED header on

@@ -7,7 +7,7 @@ verified by the full model: greedy output equals ``full``'s, sampled output foll
 
 The batch moves in lock-step (see ``acceptance.py``): one KV offset for every sequence, each round
 commits ``m + 1`` positions, ``m`` the shortest accepted prefix in the batch. Prompts of different
-lengths share the batch as in ``decode.py``: positions still inside a longer prompt are fed its own
+lengths share the batch as in ``token_by_token.py``: positions still inside a longer prompt are fed its own
 tokens and count as accepted. Per generated token, ``exit_layers`` reports ``draft_exit_layer`` for an
 accepted draft and the full depth for a token the full model chose itself (a correction or the bonus
 token after a fully accepted round): the colour a user sees tells where the exit already agreed.
