@@ -18,6 +18,7 @@ lost, or stuck after a failed generation: ``/health`` said ``"failed"`` first); 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -49,7 +50,8 @@ def main(argv=None) -> int:
         return 2
     engine = InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
     signal.signal(signal.SIGTERM, _interrupt)
-    return serve(lambda request: generate(engine, request), state, model_info(args, run, tokenizer), args.host,
+    # generate(engine, request, stream=...): the server streams /v1/completions as tokens are decided
+    return serve(functools.partial(generate, engine), state, model_info(args, run, tokenizer), args.host,
                  args.port, server_limits(args))
 
 

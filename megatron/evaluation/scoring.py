@@ -1,14 +1,16 @@
 """Teacher-forced log-probabilities of token sequences through a chosen exit, or under an early-exit threshold.
 
 :class:`ExitScorer` runs the model chunks held by this process in order (one chunk for pp = 1, or every
-stage of a split model built in one process) with the plain full-sequence forward, and reads:
+stage of a split model built in one process) through the model's inference forward without a KV cache
+(:meth:`EarlyExitGPTModel.infer` with ``inference_params=None``: one causal pass over the sequence), and reads:
 - the final head (default),
-- one exit (``exit_layer=L``): the logits of exit L, i.e. the first L layers plus that exit's head (the
-  chunks after the one owning exit L are not run),
-- per position, the first exit whose confidence reaches ``threshold`` (else the final head). With KV
-  recomputation every layer's cache equals the full forward's, so this is what early-exit decoding computes
-  for a teacher-forced token: threshold scoring measures the quality of early-exit generation without
-  sampling.
+- one exit (``exit_layer=L``): the logits of exit L, i.e. the first L layers plus that exit's head (no
+  layer after L runs),
+- per position, the first exit whose confidence reaches ``threshold`` (else the final head), decided by
+  the same :class:`~megatron.text_generation.exit_rule.ExitRule` as early-exit decoding. With KV
+  recomputation every layer's cache equals the full forward's, so this is what early-exit decoding
+  computes for a teacher-forced token: threshold scoring measures the quality of early-exit generation
+  without sampling. An exit's logits are computed only where the measure or a chosen position needs them.
 
 Under tensor parallelism every tp rank calls the scorer with the same tokens; logits are gathered to the
 full vocabulary, so every rank gets the same numbers.
@@ -18,8 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron.model.exit_heads import full_vocab_logits, lm_logits
-from megatron.text_generation.confidence import check_measure, confidence
+from megatron.text_generation.exit_rule import ExitRule, ExitWalk
 
 __all__ = ["ExitScorer", "Scored", "check_selection"]
 
@@ -34,13 +35,8 @@ def check_selection(ee, exit_layer: int | None, threshold: float | None, measure
     if exit_layer is not None and exit_layer not in exits:
         raise ValueError(f"exit_layer {exit_layer} is not an exit of this model (exits: {exits}); pick one of "
                          "--exit-layer-nums")
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"early_exit_thres must lie in [0, 1], got {threshold}")
-    check_measure(measure)
-    unknown = sorted(set(exit_layers or []) - set(exits))
-    if unknown:
-        raise ValueError(f"exit_layers {unknown} are not exits of this model (exits: {exits})")
-    return sorted(exit_layers or exits)
+    rule = ExitRule(exits, allowed=exit_layers, measure=measure, threshold=1.0 if threshold is None else threshold)
+    return sorted(rule.allowed)
 
 
 class Scored:
@@ -64,7 +60,10 @@ class ExitScorer:
         self.config, self.ee, self.state = first.config, first.ee, first.state
         self.allowed = check_selection(self.ee, exit_layer, threshold, measure, exit_layers)
         self.exit_layer, self.threshold = exit_layer, threshold
-        self.measure, self.use_temperature = measure, use_temperature
+        self.rule = None
+        if threshold is not None:
+            self.rule = ExitRule(self.ee.exit_layer_nums, allowed=exit_layers, measure=measure, threshold=threshold,
+                                 temperature=self.ee.temperature if use_temperature else None)
 
     def _check_chunks(self) -> None:
         specs = [m.spec for m in self.chunks]
@@ -79,50 +78,51 @@ class ExitScorer:
     def vocab(self) -> int:
         return self.config.vocab_size
 
-    def _logits(self, h: torch.Tensor, weight) -> torch.Tensor:
-        return full_vocab_logits(lm_logits(h, weight, self.state.tp_group, False), self.state.tp_group)[..., :self.vocab]
+    def views(self, tokens: torch.Tensor, exits, stop: int | None = None):
+        """Run ``tokens`` ``[b, s]`` through layers ``1..stop`` (default: the whole model) computing
+        ``exits``: -> (exit views ``{layer: HeadView}`` over every position, final head's view or None)."""
+        views, h, out = {}, None, None
+        stop = self.config.num_layers if stop is None else stop
+        for m in self.chunks:
+            if m.spec.layers and m.spec.layers[0] > stop:
+                break
+            out = m.infer(tokens if m.spec.has_embedding else None, hidden_states=h, inference_params=None,
+                          layers=(0, stop), exits=exits)
+            views.update(out.exits)
+            h = out.hidden
+        return views, out.final
 
-    def forward(self, tokens: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor | None]:
-        """-> (exit logits ``{layer: [b, s, vocab]}``, exit hidden ``{layer: [b, s, h]}``, final logits or
-        None when ``exit_layer`` stopped early)."""
-        logits, hidden, h = {}, {}, None
-        with torch.no_grad():
-            for m in self.chunks:
-                h, _, rope = m.stage_input(tokens if m.spec.has_embedding else None, None, h)
-                h, exit_hidden = m.language_model.encoder(h, None, rope)
-                for layer, h_exit in exit_hidden.items():
-                    logits[layer] = self._logits(h_exit, m.exit_weight(layer)).float()
-                    hidden[layer] = h_exit.transpose(0, 1).float()
-                if self.exit_layer is not None and self.exit_layer in logits:
-                    return logits, hidden, None
-            return logits, hidden, self._logits(h, m.output_weight()).float()
+    def forward(self, tokens: torch.Tensor):
+        """Every exit, eagerly: -> (exit logits ``{layer: [b, s, vocab]}``, exit hidden ``{layer: [b, s, h]}``,
+        final logits or None when ``exit_layer`` stopped early)."""
+        views, final = self.views(tokens.to(self.state.device), self.ee.exit_layer_nums, self.exit_layer)
+        logits = {layer: v.per_sequence(v.logits()) for layer, v in views.items()}
+        hidden = {layer: v.per_sequence(v.hidden).float() for layer, v in views.items()}
+        return logits, hidden, None if final is None else final.per_sequence(final.logits())
 
     def score(self, tokens: torch.Tensor) -> Scored:
         """Log-probs of the next token at every position of ``tokens`` ``[b, s]``."""
         tokens = tokens.to(self.state.device)
-        logits, hidden, final = self.forward(tokens)
         layers = torch.full(tokens.shape, self.config.num_layers, dtype=torch.long, device=tokens.device)
         if self.exit_layer is not None:
+            views, _ = self.views(tokens, [self.exit_layer], self.exit_layer)
             layers.fill_(self.exit_layer)
-            return Scored(torch.log_softmax(logits[self.exit_layer], dim=-1), layers)
-        chosen = final.clone()
-        if self.threshold is not None:
-            self._pick_exits(logits, hidden, chosen, layers)
-        return Scored(torch.log_softmax(chosen, dim=-1), layers)
+            view = views[self.exit_layer]
+            return Scored(torch.log_softmax(view.per_sequence(view.logits()), dim=-1), layers)
+        views, final = self.views(tokens, [] if self.rule is None else self.rule.computed)
+        chosen = final.logits()
+        if self.rule is not None:
+            chosen = self._pick_exits(views, chosen, layers.view(-1))
+        return Scored(torch.log_softmax(final.per_sequence(chosen), dim=-1), layers)
 
-    def _pick_exits(self, logits, hidden, chosen: torch.Tensor, layers: torch.Tensor) -> None:
-        """Positions take the logits of the first allowed exit that is confident enough (in place)."""
-        b, s, v = chosen.shape
-        decided = torch.zeros(b * s, dtype=torch.bool, device=chosen.device)
-        prev = None
-        for layer in sorted(logits):
-            cur = hidden[layer].reshape(b * s, -1)
-            if layer in self.allowed:
-                temp = self.ee.temperature(layer) if self.use_temperature else 1.0
-                conf = confidence(self.measure, logits[layer].reshape(b * s, v), prev_hidden=prev, hidden=cur,
-                                  temperature=temp)
-                fire = (conf >= self.threshold) & ~decided
-                chosen.view(b * s, v)[fire] = logits[layer].reshape(b * s, v)[fire]
-                layers.view(-1)[fire] = layer
-                decided |= fire
-            prev = cur
+    def _pick_exits(self, views, final: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+        """Rows take the logits of the first allowed exit confident enough (``layers`` updated in place)."""
+        walk = ExitWalk(self.rule, torch.zeros(final.shape[0], dtype=torch.bool, device=final.device))
+        chosen = final
+        for layer in sorted(views):
+            fire = walk.visit(views[layer])
+            if fire is None or not bool(fire.any()):
+                continue
+            chosen = torch.where(fire.unsqueeze(-1), views[layer].logits(), chosen)
+            layers.masked_fill_(fire, layer)
+        return chosen

@@ -147,8 +147,10 @@ class EarlyExitGPTModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def stage_input(self, input_ids, position_ids, hidden_states, offset: int = 0):
-        """-> (hidden ``[s(/tp), b, h]``, position ids ``[b, s]``, RoPE angles or None)."""
-        if self.spec.has_embedding:
+        """-> (hidden ``[s(/tp), b, h]``, position ids ``[b, s]``, RoPE angles or None). The first chunk
+        embeds ``input_ids`` unless ``hidden_states`` are given (inference resuming at a later layer)."""
+        embed = self.spec.has_embedding and hidden_states is None
+        if embed:
             if input_ids is None:
                 raise ValueError("the first chunk needs input_ids")
             b, s = input_ids.shape
@@ -159,7 +161,7 @@ class EarlyExitGPTModel(nn.Module):
             b = hidden_states.shape[1]
         if position_ids is None:
             position_ids = torch.arange(offset, offset + s, device=self.state.device).unsqueeze(0).expand(b, s)
-        h = self.language_model.embedding(input_ids, position_ids) if self.spec.has_embedding else hidden_states
+        h = self.language_model.embedding(input_ids, position_ids) if embed else hidden_states
         rope = None if self.rotary is None else self.rotary.cos_sin(position_ids, dtype=h.dtype)
         return h, position_ids, rope
 

@@ -41,29 +41,46 @@ class EarlyExitTransformerLayer(TransformerLayer):
                 config, state=state, layer_number=block_number, init=InitScope(recipe, block_number),
                 rng_tracker=rng_tracker)
 
-    def exit_head(self, h, attention_mask=None, rope=None, inference_params=None) -> torch.Tensor:
-        """Exit block then exit norm (each if configured): the hidden state the exit projects."""
+    def exit_head(self, h, attention_mask=None, rope=None, inference_params=None,
+                  last: int | None = None) -> torch.Tensor:
+        """Exit block then exit norm (each if configured): the hidden state the exit projects. ``last``: of
+        the last positions only (the exit block still runs on every position: they all need its KV)."""
         if self.exit_block is not None:
             h = self.exit_block(h, attention_mask, rope, inference_params)
+        if last is not None:
+            h = h[-last:]
         if self.exit_norm is not None:
             h = self.exit_norm(h)
         return h
 
-    def forward(self, x, attention_mask=None, rope=None, inference_params=None):
-        """-> ``(layer output, exit hidden)``, both ``[s(/tp), b, h]``."""
-        if self.pre_exit:
-            h_exit = self.exit_head(x, attention_mask, rope, inference_params)
+    def forward(self, x, attention_mask=None, rope=None, inference_params=None, *, with_exit: bool = True,
+                exit_last: int | None = None):
+        """-> ``(layer output, exit hidden)``, ``[s(/tp), b, h]`` and ``[s or exit_last, b, h]``.
+        ``with_exit=False`` skips every part of the exit (its MLP branch, block and norm: inference of an
+        exit nobody consults) and returns ``(output, None)``; ``exit_last``: the exit hidden of the last
+        positions only (inference consults an exit on the last position)."""
+        if self.pre_exit and with_exit:
+            h_exit = self.exit_head(x, attention_mask, rope, inference_params, exit_last)
         a = self.attention_block(x, attention_mask, rope, inference_params)
         n = self.post_attention_norm(a)
-        if isinstance(self.mlp, ExitMLP):
+        # without an exit block the exit's own work is cut to the positions it is consulted on
+        cut = exit_last if self.exit_block is None else None
+        if not isinstance(self.mlp, ExitMLP):
+            y = y_exit = self.dropout_add(self.mlp(n), a)
+        elif with_exit and cut is None:  # training (and full-sequence inference): exactly as trained
             trunk, branch = self.mlp(n)
             # The branch's residual dropout belongs to the exit: under EE-Tuning it stays on while the
             # frozen layer's own dropout is off (see set_train_mode).
             y, y_exit = self.dropout_add(trunk, a), self.dropout_add(branch, a, self.mlp.branch.training)
         else:
-            y = y_exit = self.dropout_add(self.mlp(n), a)
+            y = self.dropout_add(self.mlp.trunk(n), a)
+            y_exit = None
+            if with_exit and not self.pre_exit:
+                y_exit = self.dropout_add(self.mlp.branch(n[-cut:]), a[-cut:])
+        if not with_exit:
+            return y, None
         if not self.pre_exit:
-            h_exit = self.exit_head(y_exit, attention_mask, rope, inference_params)
+            h_exit = self.exit_head(y_exit, attention_mask, rope, inference_params, exit_last)
         return y, h_exit
 
 

@@ -138,20 +138,6 @@ class TransformerEncoder(nn.Module):
             h = self.final_norm(h)
         return h, exits
 
-    def infer(self, h, attention_mask, rope, inference_params, on_exit=None):
-        """Cached forward. ``on_exit(layer_number, exit_hidden) -> bool`` is called at each exit layer
-        (when given); ``True`` stops the loop. -> (output or None when stopped, stopped)."""
-        for layer in self.layers:
-            if isinstance(layer, EarlyExitTransformerLayer):
-                h, h_exit = layer(h, attention_mask, rope, inference_params)
-                if on_exit is not None and on_exit(layer.layer_number, h_exit):
-                    return None, True
-            else:
-                h = layer(h, attention_mask, rope, inference_params)
-        if self.final_norm is not None:
-            h = self.final_norm(h)
-        return h, False
-
 
 class LanguageModel(nn.Module):
     """Container giving the ``language_model.*`` keys of one (stage, chunk)."""

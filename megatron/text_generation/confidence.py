@@ -14,6 +14,11 @@ reaches the threshold. Every measure lies in [0, 1], so one threshold range serv
 The callers pass logits over the real vocabulary (vocabulary padding sliced off): padded entries would
 take probability mass and change ``V`` in the entropy. Entries at ``-inf`` (banned tokens) are fine.
 
+Decision rules read a measure as a :class:`Measure` (:data:`MEASURE_RULES`): a score of an exit's
+:class:`~megatron.model.inference.HeadView` that asks the view for its logits only when it needs them
+(``cosine`` never does). A new measure (e.g. a learned estimator on the hidden state) is one more entry
+there; :data:`MEASURES` lists their names for the request parsers.
+
 Reference for the decaying threshold: Schuster et al., "Confident Adaptive Language Modeling"
 (NeurIPS 2022), eq. (5): ``lambda'(lambda, t) = clip_[0,1](9/10 * lambda + 1/10 * exp(-tau * t / N))``,
 with ``t`` the decoding step, ``N`` the maximum output length and ``tau`` the decay temperature.
@@ -22,19 +27,44 @@ with ``t`` the decoding step, ``N`` the maximum output length and ``tau`` the de
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MEASURES", "confidence", "check_measure", "decayed_threshold"]
+__all__ = ["Measure", "MEASURE_RULES", "MEASURES", "confidence", "check_measure", "decayed_threshold"]
 
-MEASURES = ("top1", "margin", "entropy", "cosine")
+
+@dataclass(frozen=True)
+class Measure:
+    """``score(view, prev_hidden, temperature) -> [rows]`` float32 in [0, 1]: the confidence of the rows of an
+    exit's view; ``prev_hidden`` ``[rows, h]`` is the hidden state at the previous computed exit (or None).
+    ``compares``: the score uses ``prev_hidden``, so the exits below the last one that may fire are computed
+    too (their hidden states are compared with)."""
+
+    name: str
+    score: Callable
+    compares: bool = False
+
+
+def _logit_measure(name: str) -> Measure:
+    return Measure(name, lambda view, prev, temperature: confidence(name, view.logits(), temperature=temperature))
+
+
+MEASURE_RULES: dict[str, Measure] = {
+    **{name: _logit_measure(name) for name in ("top1", "margin", "entropy")},
+    "cosine": Measure("cosine", lambda view, prev, temperature: _cosine(prev, view.hidden, view.rows,
+                                                                          view.hidden.device), compares=True),
+}
+MEASURES = tuple(MEASURE_RULES)
 
 
 def check_measure(measure: str) -> str:
-    """``measure`` if it names a known confidence measure, else a ValueError naming the field."""
-    if measure not in MEASURES:
-        raise ValueError(f"confidence: unknown measure {measure!r}; use one of {', '.join(MEASURES)}")
+    """``measure`` if it names a known confidence measure (an entry of :data:`MEASURE_RULES`), else a
+    ValueError naming the field."""
+    if measure not in MEASURE_RULES:
+        raise ValueError(f"confidence: unknown measure {measure!r}; use one of {', '.join(MEASURE_RULES)}")
     return measure
 
 
@@ -61,7 +91,8 @@ def confidence(measure: str, logits: torch.Tensor, *, prev_hidden: torch.Tensor 
                hidden: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
     """Confidence ``[b]`` (float32, in [0, 1]) of exit ``logits`` ``[b, V]`` under ``measure``.
     ``temperature`` divides the logits first (an exit's training temperature); ``cosine`` ignores it."""
-    check_measure(measure)
+    if measure not in MEASURES:
+        raise ValueError(f"confidence: unknown measure {measure!r}; use one of {', '.join(MEASURES)}")
     if logits.dim() != 2:
         raise ValueError(f"confidence: logits must be [b, V], got shape {tuple(logits.shape)}")
     b, vocab = logits.shape

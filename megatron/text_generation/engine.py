@@ -1,20 +1,11 @@
-"""InferenceEngine: this rank's model chunk, its place in the pipeline, and the messages of one step.
+"""InferenceEngine: this rank's model chunk, its place in the pipeline, and the transport of one step's messages.
 
-Every step of every decoding strategy is driven by pipeline stage 0 and follows one protocol:
-1. stage ``s`` sends stage ``s + 1`` a :class:`Header` (float64 ``[HEADER_LEN]``), then one exchange
-   holding the step's payload (mode-dependent: the per-sequence :class:`~.early_exit.Carry`, scoring
-   targets or beam parents) and, when the step runs, the hidden states ``[n, b, h]``;
-2. the result (:data:`MODE_GEN`: tokens and exit layers; scoring log-probs; beam candidates; speculative
-   drafts and verdicts) reaches stage 0 as a report from the last stage, or under method B from the first
-   stage where every sequence has decided (the stages before it send "continue" reports, the stages after
-   it send none), or for a speculative draft (:data:`MODE_DRAFT`) from the draft exit's stage, where the
-   step ends (see ``speculative.py``).
-Peers are addressed by stage through :class:`PipelineP2P`, so it works under any tp and dp.
+The messages themselves (headers, payloads, reports) are typed in ``messages.py``; the protocol that
+orders them, and recovers from failures, is ``runner.py``. Peers are addressed by stage through
+:class:`PipelineP2P`, so it works under any tp and dp.
 """
 
 from __future__ import annotations
-
-from dataclasses import astuple, dataclass
 
 import torch
 import torch.distributed as dist
@@ -22,40 +13,9 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel.p2p import PipelineP2P
 from megatron.core.transformer import InferenceParams
 
-__all__ = ["InferenceEngine", "Header", "HEADER_LEN", "RUN", "SKIP", "END", "MODE_GEN", "MODE_SCORE", "MODE_BEAM",
-           "MODE_DRAFT", "MODE_VERIFY"]
+from .messages import HEADER_LEN, RUN, SKIP, Header
 
-RUN, SKIP, END = 0, 1, 2
-MODE_GEN, MODE_SCORE, MODE_BEAM, MODE_DRAFT, MODE_VERIFY = 0, 1, 2, 3, 4
-
-
-@dataclass
-class Header:
-    """``status``: RUN, SKIP (method A: every sequence exited upstream; later stages skip the token) or
-    END (generation over). ``n`` new positions written at KV ``offset``; ``step`` counts generated tokens
-    (top-p decay); ``reorder``: reorder the KV rows by the payload's beam parents first; ``reported``:
-    stage 0 already has this step's result; ``force_full``: no stage may skip layers (``recompute_cap``);
-    ``draft``: the number of drafted tokens a speculative verify step checks."""
-
-    status: int = RUN
-    mode: int = MODE_GEN
-    n: int = 0
-    offset: int = 0
-    step: int = 0
-    reorder: int = 0
-    reported: int = 0
-    force_full: int = 0
-    draft: int = 0
-
-    def pack(self, device) -> torch.Tensor:
-        return torch.tensor(astuple(self), dtype=torch.float64, device=device)
-
-    @classmethod
-    def unpack(cls, t: torch.Tensor) -> "Header":
-        return cls(*(int(round(v)) for v in t.tolist()))
-
-
-HEADER_LEN = len(astuple(Header()))
+__all__ = ["InferenceEngine"]
 
 
 class InferenceEngine:
@@ -109,7 +69,7 @@ class InferenceEngine:
                   hidden: torch.Tensor | None = None) -> None:
         nxt = self.stage + 1
         self.p2p.exchange(sends=[(header.pack(self.device), nxt)])
-        if header.status == END:
+        if header.status not in (RUN, SKIP):  # END and FAILED headers travel alone
             return
         sends = [(payload, nxt)] + ([(hidden, nxt)] if hidden is not None else [])
         self.p2p.exchange(sends=sends)
@@ -121,7 +81,7 @@ class InferenceEngine:
         prev = self.stage - 1
         (t,) = self.p2p.exchange(recvs=[((HEADER_LEN,), torch.float64, prev)])
         header = Header.unpack(t)
-        if header.status == END:
+        if header.status not in (RUN, SKIP):
             return header, None, None
         recvs = [((payload_len(header),), torch.float64, prev)]
         if header.status == RUN:

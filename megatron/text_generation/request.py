@@ -26,7 +26,7 @@ from .confidence import MEASURES
 __all__ = [
     "SamplingParams", "EarlyExitParams", "GenerationRequest", "GenerationResult", "RequestError", "ServerLimits",
     "DEFAULT_LIMITS", "parse_api_request", "parse_completions_request", "broadcast_request", "show_value", "SHUTDOWN",
-    "MAX_PROMPTS", "EXIT_METHODS", "DECODING_MODES", "MAX_SPECULATIVE_TOKENS",
+    "MAX_PROMPTS", "EXIT_METHODS", "DECODING_MODES", "MAX_SPECULATIVE_TOKENS", "RECOMPUTE_CAP",
 ]
 
 MAX_PROMPTS = 128
@@ -44,6 +44,9 @@ MAX_STOP_SEQUENCES = 64
 EXIT_METHODS = ("auto", "recompute", "pipeline")
 DECODING_MODES = ("full", "early_exit", "speculative")
 MAX_SPECULATIVE_TOKENS = 64
+# method A: after this many consecutive steps where every sequence exited, one step runs every layer
+# (tokens unchanged), so the re-fed window never exceeds it (EE-LLM's grew without bound: reference bug 21)
+RECOMPUTE_CAP = 16
 SHUTDOWN = "shutdown"  # the broadcast message that ends the non-zero ranks' serving loop
 
 
@@ -73,7 +76,7 @@ class EarlyExitParams:
     early_exit_thres: float = 1.0  # exit when confidence >= thres; 1.0 = practically never
     exit_layers: list[int] = field(default_factory=list)  # [] = every exit may fire
     method: str = "auto"  # "recompute" (A), "pipeline" (B), "auto": B if pp > 1 else A
-    recompute_cap: int | None = None  # force a full-depth pass after this many consecutive exits (A)
+    recompute_cap: int | None = RECOMPUTE_CAP  # full-depth pass after this many consecutive exits (A); None: unbounded
     use_temperature: bool = False  # apply --exit-layer-temperature to exit logits for the confidence
     print_max_prob: bool = False
     confidence: str = "top1"  # top1, margin, entropy or cosine (see confidence.py)
@@ -263,7 +266,7 @@ def _early_exit(f: _Fields, default_thres: float) -> EarlyExitParams:
         early_exit_thres=f.float("early_exit_thres", default_thres, lo=0.0, hi=1.0),
         exit_layers=exit_layers,
         method=method,
-        recompute_cap=f.int("recompute_cap", None, lo=1),
+        recompute_cap=f.int("recompute_cap", RECOMPUTE_CAP, lo=1),
         use_temperature=f.bool("use_exit_temperature", False),
         print_max_prob=f.bool("print_max_prob", False),
         confidence=measure,

@@ -47,6 +47,7 @@ from megatron.text_generation.request_checks import check_request
 from megatron.text_generation.server_ranks import (  # noqa: F401 -- distributed_generate, worker_loop: re-exported
     GenerateFn,
     RanksDiverged,
+    accepts_stream,
     distributed_generate,
     worker_loop,
 )
@@ -57,10 +58,11 @@ from megatron.text_generation.server_responses import (
     completion_response,
     text_pieces,
 )
+from megatron.text_generation.streaming import delta_chunk, summary_chunk
 
 __all__ = [
     "GenerateFn", "ModelInfo", "GenerationService", "ServiceClosed", "ServiceFailed", "RanksDiverged",
-    "InferenceServer", "distributed_generate", "worker_loop",
+    "InferenceServer", "accepts_stream", "distributed_generate", "worker_loop",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,7 @@ class GenerationService:
     def __init__(self, generate_fn: GenerateFn, info: ModelInfo | None = None, state=None,
                  limits: ServerLimits = DEFAULT_LIMITS):
         self.generate_fn = generate_fn
+        self.streams = accepts_stream(generate_fn)
         self.info = info or ModelInfo()
         self.state = state
         self.limits = limits
@@ -120,7 +123,9 @@ class GenerationService:
         """Model-dependent validation, done on rank 0 before anything is broadcast."""
         check_request(request, self.info, self.limits)
 
-    def run(self, request: GenerationRequest) -> GenerationResult:
+    def run(self, request: GenerationRequest, stream=None) -> GenerationResult:
+        """``stream(Delta)`` receives the text as it is generated, when the generate function streams
+        (:func:`accepts_stream`); else it is not called and the result comes whole."""
         self.check(request)
         with self._lock:
             if self.failure is not None:
@@ -129,7 +134,8 @@ class GenerationService:
                 raise ServiceClosed("the server is shutting down")
             self._running_since = time.monotonic()
             try:
-                result = self.generate_fn(request)
+                streaming = stream is not None and self.streams
+                result = self.generate_fn(request, stream=stream) if streaming else self.generate_fn(request)
             except RanksDiverged as e:
                 self._fail(str(e))
                 raise
@@ -347,22 +353,49 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _completions(self, body: Any) -> None:
         request, options = parse_completions_request(body, self.server.service.limits)
+        if options["stream"]:
+            self._stream_completion(request, options)
+            return
         result = self.server.service.run(request)
+        self._send_json(200, completion_response(result, self._completion(request, options)))
+
+    def _completion(self, request: GenerationRequest, options: dict) -> Completion:
         info = self.server.service.info
         prompt_tokens = sum(len(info.tokenize(p)) for p in request.prompts) if info.tokenize is not None else 0
-        c = Completion(request, options, f"cmpl-{time.time_ns():x}", int(time.time()), info.name, prompt_tokens,
-                       info.detokenize)
-        if not options["stream"]:
-            self._send_json(200, completion_response(result, c))
+        return Completion(request, options, f"cmpl-{time.time_ns():x}", int(time.time()), info.name, prompt_tokens,
+                          info.detokenize)
+
+    def _stream_completion(self, request: GenerationRequest, options: dict) -> None:
+        """``stream: true``: a server-sent event per decided token run, written while the generation runs
+        (tokens with their exit layers), then each choice's last text with its ``finish_reason``, a summary
+        chunk (usage, exit share, tokens/s) and ``[DONE]``. The 200 goes out with the first event, so a
+        request that fails before any token still gets its 400 / 500. A generate function that does not
+        stream gets the whole result's chunks at the end."""
+        c, events, last = self._completion(request, options), _EventStream(self), []
+
+        def on_delta(delta) -> None:
+            if delta.finished:  # its finish_reason needs the result
+                last.append(delta)
+            else:
+                events.send(delta_chunk(c, delta))
+
+        try:
+            result = self.server.service.run(request, stream=on_delta)
+        except Exception as e:  # noqa: BLE001 -- before the first event _serve answers it; after, the stream does
+            if not events.started:
+                raise
+            log.exception("streamed request to %s failed", self.path)
+            events.send({"error": f"internal error: {type(e).__name__}: {e}"})
+            events.end()
             return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-        for chunk in completion_chunks(result, c):
-            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            self.wfile.flush()
-        self.wfile.write(b"data: [DONE]\n\n")
+        if not last:
+            for chunk in completion_chunks(result, c):
+                events.send(chunk)
+        else:
+            for delta in last:
+                events.send(delta_chunk(c, delta, c.finish_reason(result, delta.index)))
+            events.send(summary_chunk(c, result))
+        events.end()
 
     def _send_json(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -371,6 +404,35 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+class _EventStream:
+    """Server-sent events on a handler's connection: the headers go out with the first event; a client
+    that went away stops the writing (the generation still finishes, keeping every rank in step)."""
+
+    def __init__(self, handler: BaseHTTPRequestHandler):
+        self.handler, self.started, self.gone = handler, False, False
+
+    def _write(self, data: bytes) -> None:
+        if self.gone:
+            return
+        try:
+            if not self.started:
+                self.started = True
+                self.handler.send_response(200)
+                self.handler.send_header("Content-Type", "text/event-stream")
+                self.handler.send_header("Cache-Control", "no-cache")
+                self.handler.end_headers()
+            self.handler.wfile.write(data)
+            self.handler.wfile.flush()
+        except OSError:  # the client closed the connection
+            self.gone = True
+
+    def send(self, chunk: dict) -> None:
+        self._write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+    def end(self) -> None:
+        self._write(b"data: [DONE]\n\n")
 
 
 class _HTTPServer(ThreadingHTTPServer):

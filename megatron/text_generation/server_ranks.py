@@ -12,6 +12,7 @@ and a supervisor (torchrun, SLURM, systemd) can restart it. A lost rank ends the
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from typing import Callable
@@ -26,7 +27,7 @@ from megatron.text_generation.request import (
     broadcast_request,
 )
 
-__all__ = ["GenerateFn", "RanksDiverged", "agree_after_request", "distributed_generate", "worker_loop"]
+__all__ = ["GenerateFn", "RanksDiverged", "accepts_stream", "agree_after_request", "distributed_generate", "worker_loop"]
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +70,34 @@ def agree_after_request(ok: bool, state, timeout_s: float) -> list[int]:
     return [r for r, value in enumerate(states) if value != 1]
 
 
+def accepts_stream(generate_fn) -> bool:
+    """Whether ``generate_fn`` takes a ``stream`` callback (``generation.generate`` does)."""
+    try:
+        params = inspect.signature(generate_fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "stream" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
 def distributed_generate(generate_fn: GenerateFn, state, sync_timeout_s: float = DEFAULT_LIMITS.sync_timeout_s
                          ) -> GenerateFn:
     """Rank 0's generate function of a multi-rank model: broadcast the request, generate with it, then
     agree with every rank that it is over (:func:`agree_after_request`). A generation that failed on
     rank 0 re-raises (HTTP 500) once the ranks agree; one that failed only elsewhere is a
     :class:`RuntimeError` naming the ranks. Must run under :class:`GenerationService`'s lock (it does,
-    as the service's ``generate_fn``)."""
-    def run(request: GenerationRequest) -> GenerationResult:
+    as the service's ``generate_fn``). When ``generate_fn`` takes a ``stream`` callback, so does the
+    returned function; the callback stays on rank 0."""
+    streams = accepts_stream(generate_fn)
+
+    def run(request: GenerationRequest, stream=None) -> GenerationResult:
         try:
             request = broadcast_request(request, state)
         except Exception as e:  # noqa: BLE001 -- a broadcast that fails means a rank is gone
             raise RanksDiverged(f"the request could not be sent to every rank ({type(e).__name__}: "
                                 f"{str(e)[:200]}): a rank is lost") from e
         try:
-            result, error = generate_fn(request), None
+            result = generate_fn(request, stream=stream) if streams and stream is not None else generate_fn(request)
+            error = None
         except Exception as e:  # noqa: BLE001 -- re-raised below, once every rank is out of the request
             result, error = None, e
         failed = agree_after_request(error is None, state, sync_timeout_s)

@@ -9,7 +9,7 @@ import torch
 
 from megatron.core.parallel_state import ParallelDims, ParallelState
 from megatron.testing.distributed import run_distributed
-from megatron.text_generation.engine import MODE_VERIFY
+from megatron.text_generation.messages import MODE_VERIFY
 from megatron.text_generation.generation import generate_tokens
 from megatron.text_generation.request import EarlyExitParams, SamplingParams
 

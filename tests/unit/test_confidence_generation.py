@@ -12,7 +12,10 @@ import torch
 
 from megatron.evaluation.scoring import ExitScorer
 from megatron.text_generation.confidence import MEASURES, confidence, decayed_threshold
-from megatron.text_generation.early_exit import Carry, ExitPolicy, TokenPicker
+from megatron.model.inference import HeadView
+from megatron.text_generation.messages import Carry
+from megatron.text_generation.sampling import Draws
+from megatron.text_generation.strategies.early_exit import TokenPicker, exit_rule
 from megatron.text_generation.generation import generate, generate_tokens
 from megatron.text_generation.request import SamplingParams
 from megatron.text_generation.server import GenerationService, InferenceServer, ModelInfo
@@ -155,8 +158,9 @@ def test_cosine_fires_where_the_hidden_state_stopped_changing():
 
 def _picker(thres, decay, lags=None, tokens=10):
     eng_cfg = configs("gpt", exits=(1,))[1]
-    policy = ExitPolicy(exits(thres, threshold_decay=decay), eng_cfg, NUM_LAYERS)
-    picker = TokenPicker(policy, SamplingParams(tokens_to_generate=tokens, greedy=True), None, 2, lags=lags)
+    rule = exit_rule(exits(thres, threshold_decay=decay), eng_cfg)
+    picker = TokenPicker(rule, SamplingParams(tokens_to_generate=tokens, greedy=True), Draws(0), num_layers=NUM_LAYERS,
+                         lags=lags)
     return picker
 
 
@@ -165,7 +169,8 @@ def _fires(picker, step, confident: float, b=1):
     p = torch.tensor([confident, 1 - confident])
     logits = torch.log(p).view(1, 1, 2).repeat(b, 1, 1)
     picker.begin(Carry.start(torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.long)), step)
-    return picker.decide(1, logits).tolist()
+    picker.decide(HeadView.of(1, logits=logits[:, -1]))
+    return picker.carry.exited.tolist()  # the sequences that left at exit 1
 
 
 def test_decaying_threshold_lowers_the_bar_for_later_tokens():

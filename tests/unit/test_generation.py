@@ -2,6 +2,8 @@
 by methods A and B (tokens and KV caches against cache-free oracles), batches of different prompt
 lengths, sampling reproducibility, stop tokens and sequences, scoring and beam search."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -82,6 +84,70 @@ def test_threshold_zero_follows_the_exit_head_and_keeps_the_cache_complete(metho
     depth = max(next(iter(s.values()))[0].shape[1] for s in snapshots)
     if method == "pipeline" or cap is not None:  # the window was back-filled along the way
         assert depth >= len(PROMPTS[0]) + 4
+
+
+def _method_a_snapshots(eng, **ee_kw):
+    """Method A without a window cap, at a threshold where tokens 1, 2 exit at layer 2 and token 3 needs the
+    full depth: the third step re-feeds positions 0..7 at offset 0 and back-fills the layers the first two
+    skipped. -> (tokens, exit layers, each step's (offset, n), snapshots of every layer up to the offset)."""
+    snapshots, steps = [], []
+
+    def observe(runner, header):  # positions before the header's offset must be complete in every layer
+        steps.append((header.offset, header.n))
+        snapshots.append(cache_snapshot(runner.kv, header.offset))
+
+    out = generate_tokens(eng, PROMPTS[:1], greedy(8), exits(0.1, "recompute", **ee_kw), observer=observe)
+    return out.tokens[0], out.exit_layers[0], steps, snapshots
+
+
+def _check_snapshots(model, tokens, snapshots):
+    reference = reference_cache(model, torch.tensor([PROMPTS[0] + tokens]))
+    for snap in snapshots:
+        assert_cache_prefix(snap, reference)
+
+
+def test_method_a_back_fills_the_layers_exits_skipped(monkeypatch):
+    eng = engine(*configs("llama", exits=(2,), use_exit_block=True, use_exit_norm=True))
+    tokens, layers, steps, snapshots = _method_a_snapshots(eng, recompute_cap=None)
+    assert layers[:3] == [2, 2, 4] and 2 in layers[3:] and 4 in layers[3:]
+    assert steps[2] == (0, 8) and any(n > 1 for _, n in steps[3:])  # windows re-fed, later ones too
+    deep = [snap for snap in snapshots if snap.get(4) is not None and snap[4][0].shape[1] >= 12]
+    assert deep and {3, 4, 6} <= set(deep[-1])  # the layers after the exit, exit block (6) included, checked
+    _check_snapshots(eng.model, tokens, snapshots)
+    # the check is not vacuous: feeding only the newest position (no back-filling) leaves holes it finds
+    from megatron.text_generation.strategies.token_by_token import TokenRunner
+
+    real = TokenRunner.drive
+
+    def no_backfill(runner, header, payload, ids):
+        last = header.offset + header.n - 1
+        return real(runner, replace(header, offset=last, n=1), payload, ids[:, -1:])
+
+    monkeypatch.setattr(TokenRunner, "drive", no_backfill)
+    tokens, _, _, snapshots = _method_a_snapshots(eng, recompute_cap=None)
+    with pytest.raises(AssertionError):
+        _check_snapshots(eng.model, tokens, snapshots)
+
+
+def test_method_a_window_is_bounded_by_default():
+    """Every token exits (threshold 0): by default a full-depth step comes after RECOMPUTE_CAP skipping
+    ones, so a step re-feeds at most RECOMPUTE_CAP + 1 positions past the last full-depth pass (the first
+    window also holds the prompt); EE-LLM's window grew without bound."""
+    from megatron.text_generation.request import RECOMPUTE_CAP, parse_api_request
+
+    assert EarlyExitParams().recompute_cap == RECOMPUTE_CAP == 16
+    assert parse_api_request({"prompts": "1", "use_early_exit": True}).early_exit.recompute_cap == RECOMPUTE_CAP
+    eng = engine(*configs("gpt", exits=(1,), num_layers=2))
+    windows = []
+    ee = EarlyExitParams(use_early_exit=True, early_exit_thres=0.0)
+    out = generate_tokens(eng, [[3, 1, 4]], greedy(40), ee, observer=lambda runner, h: windows.append(h.n))
+    assert out.exit_layers == [[1] * 40]
+    assert max(windows) == 3 + RECOMPUTE_CAP and windows[RECOMPUTE_CAP] == 3 + RECOMPUTE_CAP  # the forced pass
+    assert max(windows[RECOMPUTE_CAP + 1:]) == RECOMPUTE_CAP + 1
+    unbounded = []
+    generate_tokens(eng, [[3, 1, 4]], greedy(40), replace(ee, recompute_cap=None),
+                    observer=lambda runner, h: unbounded.append(h.n))
+    assert max(unbounded) == 3 + 39  # the whole sequence, re-fed at every step
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])

@@ -60,7 +60,7 @@ def oracle_greedy(model, prompt, n, exit_layer=None):
 def reference_cache(model, tokens):
     """Every layer's KV after one full-depth prefill of ``tokens`` ``[b, s]`` (exit blocks included)."""
     kv = InferenceParams(tokens.shape[0], tokens.shape[1])
-    model.infer(tokens, inference_params=kv, evaluate_exits=True)
+    model.infer(tokens, inference_params=kv, exits=model.spec.exits)
     return {layer: (k.clone(), v.clone()) for layer, (k, v) in kv.key_value_memory_dict.items()}
 
 
@@ -81,14 +81,15 @@ def assert_cache_prefix(snapshot, reference):
 def test_top_k_and_top_p_keep_only_the_allowed_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(400, 1)
     g = torch.Generator().manual_seed(0)
-    top_k = select_tokens(logits, SamplingParams(top_k=2), 0, g)
+    u = lambda: torch.rand(400, generator=g, dtype=torch.float64)  # noqa: E731 -- each row's uniform number
+    top_k = select_tokens(logits, SamplingParams(top_k=2), 0, u())
     assert set(top_k.tolist()) == {0, 1}
-    top_p = select_tokens(logits, SamplingParams(top_p=0.7), 0, g)  # 0.5 < 0.7 <= 0.8: two tokens
+    top_p = select_tokens(logits, SamplingParams(top_p=0.7), 0, u())  # 0.5 < 0.7 <= 0.8: two tokens
     assert set(top_p.tolist()) == {0, 1}
-    everything = select_tokens(logits, SamplingParams(), 0, g)
+    everything = select_tokens(logits, SamplingParams(), 0, u())
     assert set(everything.tolist()) == {0, 1, 2, 3}
     assert select_tokens(logits[:3], SamplingParams(greedy=True), 0, None).tolist() == [0, 0, 0]
-    cold = select_tokens(logits, SamplingParams(temperature=0.01), 0, g)
+    cold = select_tokens(logits, SamplingParams(temperature=0.01), 0, u())
     assert set(cold.tolist()) == {0}
 
 

@@ -175,6 +175,11 @@ def _full_logits(m, ids):
     return out.output, out.exit_logits
 
 
+def _logits(view):
+    """A head view's logits per sequence ``[b, n, vocab]``."""
+    return view.per_sequence(view.logits())
+
+
 @pytest.mark.parametrize("arch", [GPT, LLAMA], ids=["gpt", "llama"])
 def test_kv_cached_decoding_equals_full_forward(arch):
     c = cfg(**arch)
@@ -185,16 +190,18 @@ def test_kv_cached_decoding_equals_full_forward(arch):
         full, full_exits = _full_logits(m, ids)
     ip = InferenceParams(max_batch_size=4, max_sequence_length=16)
     # prompt of 5, then 3 tokens at once (as KV recomputation feeds), then one at a time
+    v = c.vocab_size
     for start, end in ((0, 5), (5, 8), (8, 9), (9, 10), (10, 12)):
-        out = m.infer(ids[:, start:end], inference_params=ip, evaluate_exits=True)
-        torch.testing.assert_close(out.logits, full[:, start:end], rtol=1e-5, atol=1e-5)
+        out = m.infer(ids[:, start:end], inference_params=ip, exits=(1, 3))
+        torch.testing.assert_close(_logits(out.final), full[:, start:end, :v], rtol=1e-5, atol=1e-5)
         for layer in (1, 3):
-            torch.testing.assert_close(out.exit_logits[layer], full_exits[layer][:, start:end], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(_logits(out.exits[layer]), full_exits[layer][:, start:end, :v], rtol=1e-5,
+                                       atol=1e-5)
         ip.sequence_len_offset = end
     # a sub-batch addressed by cache rows: rows 2 and 0 re-fed at positions 10..11
     ip.sequence_len_offset, ip.batch_idx = 10, torch.tensor([2, 0])
     out = m.infer(ids[[2, 0], 10:12], inference_params=ip, num_last=1)
-    torch.testing.assert_close(out.logits, full[[2, 0], 11:12], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(out.final), full[[2, 0], 11:12, :v], rtol=1e-5, atol=1e-5)
 
 
 def test_inference_exit_decisions_per_sequence():
@@ -206,19 +213,21 @@ def test_inference_exit_decisions_per_sequence():
         full, full_exits = _full_logits(m, ids)
     calls = []
 
-    def decide_some(layer, logits):  # sequence 0 exits at layer 1, sequence 2 at layer 3
-        calls.append(layer)
-        return torch.tensor([layer == 1, False, layer == 3])
+    def decide_some(view):  # sequence 0 exits at layer 1, sequence 2 at layer 3
+        calls.append(view.layer)
+        return torch.tensor([view.layer == 1, False, view.layer == 3])
 
-    out = m.infer(ids, inference_params=InferenceParams(3, 8), exit_decider=decide_some, num_last=1)
+    v = c.vocab_size
+    out = m.infer(ids, inference_params=InferenceParams(3, 8), exits=(1, 3), decider=decide_some, num_last=1)
     assert not out.stopped and calls == [1, 3]
     assert out.exited.tolist() == [True, False, True] and out.exit_layer.tolist() == [1, 0, 3]
-    torch.testing.assert_close(out.logits, full[:, -1:], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.exit_logits[1], full_exits[1][:, -1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(out.final), full[:, -1:, :v], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(out.exits[1]), full_exits[1][:, -1:, :v], rtol=1e-5, atol=1e-5)
 
-    out = m.infer(ids, inference_params=InferenceParams(3, 8), exit_decider=lambda layer, lg: torch.ones(3, dtype=bool))
-    assert out.stopped and out.logits is None and out.exit_layer.tolist() == [1, 1, 1]
-    assert list(out.exit_logits) == [1]
+    out = m.infer(ids, inference_params=InferenceParams(3, 8), exits=(1, 3), num_last=1,
+                  decider=lambda view: torch.ones(3, dtype=bool))
+    assert out.stopped and out.final is None and out.exit_layer.tolist() == [1, 1, 1]
+    assert list(out.exits) == [1]
 
 
 def test_state_dict_keys_and_tied_copies():

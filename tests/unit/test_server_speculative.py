@@ -4,6 +4,7 @@ tiny random-weights model: ``decoding: speculative`` in ``PUT /api`` and (as an 
 fields are 400s naming the field, ``token_pieces`` spell the text, the page and its files are served
 (and nothing else from disk), and the CLI / request client send the new flags."""
 
+import functools
 import json
 import urllib.error
 import urllib.request
@@ -31,7 +32,7 @@ def served():
     args = server_args(FLAGS)
     run, state, tokenizer, chunks = load_inference_model(args)
     engine = InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
-    service = make_service(lambda r: generate(engine, r), state, model_info(args, run, tokenizer))
+    service = make_service(functools.partial(generate, engine), state, model_info(args, run, tokenizer))  # streams
     srv = InferenceServer(service, port=0).start()
     yield srv
     srv.stop()

@@ -1,4 +1,4 @@
-"""Self-speculative decoding in one process (``speculative.py``, ``speculative_decode.py``,
+"""Self-speculative decoding in one process (``strategies/speculative.py``, ``speculative_loop.py``,
 ``acceptance.py``): the acceptance rule on hand-made distributions, greedy output identical to
 full-depth greedy on many prompts (batch 1 and 4), the KV cache of every layer equal to a full forward's,
 the sampled first tokens distributed as the full model's softmax (chi-square), stops, and bad input."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron.config import EarlyExitConfig, ModelConfig
-from megatron.text_generation.acceptance import verify_greedy, verify_sampled
+from megatron.text_generation.strategies.acceptance import verify_greedy, verify_sampled
 from megatron.text_generation.generation import generate, generate_tokens
 from megatron.text_generation.request import EarlyExitParams, GenerationRequest, SamplingParams
 
@@ -62,19 +62,24 @@ def test_greedy_rule_accepts_the_shortest_prefix_of_the_batch():
     assert everything.from_draft.tolist() == [[True, True, True, False]]
 
 
+def _uniforms(b, k, g):
+    """The acceptance tests' and the residual draws' uniform numbers."""
+    return torch.rand(b, k, generator=g, dtype=torch.float64), torch.rand(b, k + 1, generator=g, dtype=torch.float64)
+
+
 def test_sampled_rule_extremes():
     g = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(4, 3, 6, generator=g), dim=-1)
     drafts = torch.multinomial(p[:, 0], 2, replacement=True, generator=g)
     free = torch.ones(4, 2, dtype=torch.bool)
-    same = verify_sampled(p, p[:, :2], drafts, free, g)  # q = p: every draft is accepted
+    same = verify_sampled(p, p[:, :2], drafts, free, *_uniforms(4, 2, g))  # q = p: every draft is accepted
     assert same.accepted == 2 and same.tokens[:, :2].tolist() == drafts.tolist()
     p0 = p.clone()
     p0[:, :, 0] = 0.0
     p0 /= p0.sum(-1, keepdim=True)
     q = torch.zeros(4, 2, 6)
     q[:, :, 0] = 1.0  # the draft always proposes token 0, which the full model never emits
-    v = verify_sampled(p0, q, torch.zeros(4, 2, dtype=torch.long), free, g)
+    v = verify_sampled(p0, q, torch.zeros(4, 2, dtype=torch.long), free, *_uniforms(4, 2, g))
     assert v.accepted == 0 and (v.tokens[:, 0] != 0).all() and not v.from_draft[:, 0].any()
 
 
@@ -89,7 +94,7 @@ def test_sampled_rule_keeps_the_target_distribution_at_every_committed_position(
     first, second = torch.zeros(vocab), torch.zeros(vocab)
     for _ in range(n):
         drafts = torch.multinomial(q.reshape(4, vocab), 1, generator=g).view(2, 2)
-        v = verify_sampled(p, q, drafts, free, g)
+        v = verify_sampled(p, q, drafts, free, *_uniforms(2, 2, g))
         first[v.tokens[0, 0]] += 1
         if v.accepted >= 1:
             second[v.tokens[0, 1]] += 1

@@ -1,8 +1,9 @@
 // EE-Megatron playground: reads the model's layers and exits from GET /health, sends the form as a
-// PUT /api request (asking for one text piece per token) and shows each generated token coloured by the
-// layer it left the model at (full depth in neutral grey), with tokens/s and the share of tokens per exit.
-// In self-speculative mode a token coloured by the draft exit is a draft the full model accepted; a grey
-// one is a token the full model chose itself. Plain browser JavaScript: no build step, no libraries.
+// streamed POST /v1/completions request (server-sent events, one text piece per token) and shows each
+// generated token as soon as the server decided it, coloured by the layer it left the model at (full depth
+// in neutral grey); the stream's last chunk brings tokens/s and the share of tokens per exit. In
+// self-speculative mode a token coloured by the draft exit is a draft the full model accepted; a grey one
+// is a token the full model chose itself. Plain browser JavaScript: no build step, no libraries.
 "use strict";
 
 const PALETTE = ["#f4a261", "#8ecae6", "#b5e48c", "#f28482", "#cdb4db", "#ffd166", "#90e0ef", "#c9ada7"];
@@ -67,11 +68,12 @@ function updateOptions() {
 function requestBody() {
   const mode = $("mode").value;
   const body = {
-    prompts: [$("prompt").value],
-    tokens_to_generate: parseInt($("tokens").value, 10),
+    prompt: $("prompt").value,
+    max_tokens: parseInt($("tokens").value, 10),
     temperature: parseFloat($("temperature").value),
     decoding: mode,
-    token_pieces: true,
+    logprobs: 0, // one text piece per token, for the colouring
+    stream: true,
   };
   if (mode === "early_exit") body.early_exit_thres = parseFloat($("threshold").value);
   if (mode === "speculative") {
@@ -81,27 +83,29 @@ function requestBody() {
   return body;
 }
 
-function showTokens(prompt, pieces, layers) {
+function startOutput(prompt) {
   const out = $("output");
   out.replaceChildren();
   const shownPrompt = document.createElement("span");
   shownPrompt.className = "prompt";
   shownPrompt.textContent = prompt;
   out.append(shownPrompt);
-  layers.forEach((layer, i) => {
-    const span = document.createElement("span");
-    const colour = exitColour(layer);
-    span.className = "tok" + (layer === model.numLayers || !colour ? " full" : "");
-    span.dataset.exit = String(layer);
-    span.title = `token ${i + 1}: ${layerLabel(layer)}`;
-    if (colour && layer !== model.numLayers) span.style.background = colour;
-    // a token that adds no text of its own (an unfinished character, a stop token) stays visible
-    span.textContent = pieces[i] ? pieces[i] : "\u00b7";
-    out.append(span);
-  });
+  $("stats").replaceChildren();
 }
 
-function showStats(response, layers) {
+function appendToken(piece, layer, index) {
+  const span = document.createElement("span");
+  const colour = exitColour(layer);
+  span.className = "tok" + (layer === model.numLayers || !colour ? " full" : "");
+  span.dataset.exit = String(layer);
+  span.title = `token ${index + 1}: ${layerLabel(layer)}`;
+  if (colour && layer !== model.numLayers) span.style.background = colour;
+  // a token that adds no text of its own (an unfinished character, a stop token) stays visible
+  span.textContent = piece ? piece : "\u00b7";
+  $("output").append(span);
+}
+
+function showStats(summary, count) {
   const stats = $("stats");
   stats.replaceChildren();
   const line = (text, id) => {
@@ -110,16 +114,37 @@ function showStats(response, layers) {
     div.textContent = text;
     stats.append(div);
   };
-  line(`${layers.length} tokens, ${response.tokens_per_s.toFixed(1)} tokens/s`, "speed");
-  const share = Object.entries(response.exit_share || {})
+  line(`${count} tokens, ${summary.tokens_per_s.toFixed(1)} tokens/s`, "speed");
+  const share = Object.entries(summary.exit_share || {})
     .map(([layer, s]) => `${layerLabel(Number(layer))}: ${(100 * s).toFixed(0)}%`);
   line(`share of tokens per exit: ${share.join(", ") || "-"}`, "share");
-  const spec = response.speculative;
+  const spec = summary.speculative;
   if (spec) {
     line(`self-speculative: drafts from exit ${spec.draft_exit_layer}, ${spec.accepted} of ${spec.drafted} ` +
          `accepted (acceptance rate ${(100 * spec.acceptance_rate).toFixed(0)}%), ${spec.rounds} verify passes; ` +
          "coloured tokens are drafts the full model accepted, grey ones it chose itself",
          "acceptance");
+  }
+}
+
+// Reads the server-sent events of a streamed completion; calls onChunk for each JSON chunk.
+async function readEvents(response, onChunk) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end).trim();
+      buffer = buffer.slice(end + 2);
+      if (!event.startsWith("data: ")) continue;
+      const data = event.slice("data: ".length);
+      if (data === "[DONE]") return;
+      onChunk(JSON.parse(data));
+    }
   }
 }
 
@@ -131,18 +156,27 @@ async function generate(event) {
   $("status").textContent = "generating\u2026";
   try {
     const body = requestBody();
-    const response = await fetch("/api", {
-      method: "PUT", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    const response = await fetch("/v1/completions", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
-    const answer = await response.json();
     if (!response.ok) {
+      const answer = await response.json();
       const field = answer.field ? ` (field ${answer.field})` : "";
       throw new Error(`${answer.error || response.statusText}${field}`);
     }
-    const layers = answer.exit_layers[0];
-    const pieces = (answer.token_pieces || answer.segments)[0];
-    showTokens(body.prompts[0], pieces, layers);
-    showStats(answer, layers);
+    startOutput(body.prompt);
+    let count = 0;
+    await readEvents(response, (chunk) => {
+      if (chunk.error) throw new Error(chunk.error);
+      if (!chunk.choices.length) {
+        showStats(chunk, count); // the summary: the stream's last chunk
+        return;
+      }
+      const choice = chunk.choices[0];
+      const pieces = choice.logprobs ? choice.logprobs.tokens : [];
+      (choice.exit_layers || []).forEach((layer, i) => appendToken(pieces[i], layer, count++));
+      $("status").textContent = `generating\u2026 ${count} tokens`;
+    });
     $("status").textContent = "done";
   } catch (err) {
     $("error").textContent = String(err.message || err);

@@ -7,7 +7,7 @@ verified by the full model: greedy output equals ``full``'s, sampled output foll
 
 The batch moves in lock-step (see ``acceptance.py``): one KV offset for every sequence, each round
 commits ``m + 1`` positions, ``m`` the shortest accepted prefix in the batch. Prompts of different
-lengths share the batch as in ``decode.py``: positions still inside a longer prompt are fed its own
+lengths share the batch as in ``token_by_token.py``: positions still inside a longer prompt are fed its own
 tokens and count as accepted. Per generated token, ``exit_layers`` reports ``draft_exit_layer`` for an
 accepted draft and the full depth for a token the full model chose itself (a correction or the bonus
 token after a fully accepted round): the colour a user sees tells where the exit already agreed.
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from .decode import Decoded, prompt_matrix
-from .engine import MODE_DRAFT, MODE_VERIFY, RUN, Header
-from .request import DECODING_MODES, MAX_SPECULATIVE_TOKENS
+from ..messages import MODE_DRAFT, MODE_VERIFY, RUN, Fed, Header, VerdictReport, VerifyPayload
+from ..request import DECODING_MODES, MAX_SPECULATIVE_TOKENS
+from .token_by_token import Decoded, prompt_matrix
 
 __all__ = ["resolve_decoding", "draft_exit", "speculative_loop"]
 
@@ -79,24 +79,22 @@ def _draft(runner, batch: _Batch, first: int, c: int, k: int) -> None:
     for i in range(k):
         lo = first if i == 0 else c + i - 1
         header = Header(RUN, MODE_DRAFT, n=c + i - lo, offset=lo, step=c + i - batch.min_len)
-        drafts = runner.drive(header, batch.tokens[:, c + i - 1].double(), batch.tokens[:, lo: c + i])
+        drafts = runner.drive(header, Fed(batch.tokens[:, c + i - 1]), batch.tokens[:, lo: c + i])
         generated = batch.lengths <= c + i
-        batch.tokens[generated, c + i] = drafts.round().long()[generated]
+        batch.tokens[:, c + i] = torch.where(generated, drafts.ids, batch.tokens[:, c + i])
 
 
-def _commit(batch: _Batch, report: torch.Tensor, c: int, k: int, exit_layer: int,
-            num_layers: int) -> tuple[int, torch.Tensor]:
-    """Write the verdict's positions ``c .. c + m`` into the batch; -> (``m``, from_draft ``[b, m + 1]``)."""
-    b = batch.tokens.shape[0]
-    m = int(round(float(report[0])))
-    tokens, logprobs, from_draft = report[1:].view(3, b, k + 1)
+def _commit(batch: _Batch, verdict: VerdictReport, c: int, exit_layer: int, num_layers: int) -> torch.Tensor:
+    """Write the verdict's positions ``c .. c + m`` into the batch; -> from_draft ``[b, m + 1]``."""
+    m = verdict.accepted
     cols = slice(c, c + m + 1)
-    generated = batch.lengths.unsqueeze(1) <= torch.arange(c, c + m + 1, device=report.device).unsqueeze(0)
-    batch.tokens[:, cols] = torch.where(generated, tokens[:, : m + 1].round().long(), batch.tokens[:, cols])
-    batch.logprob[:, cols] = logprobs[:, : m + 1].float()
-    kept = from_draft[:, : m + 1] > 0.5
+    pos = torch.arange(c, c + m + 1, device=verdict.tokens.device).unsqueeze(0)
+    generated = batch.lengths.unsqueeze(1) <= pos
+    batch.tokens[:, cols] = torch.where(generated, verdict.tokens[:, : m + 1], batch.tokens[:, cols])
+    batch.logprob[:, cols] = verdict.logprobs[:, : m + 1]
+    kept = verdict.from_draft[:, : m + 1]
     batch.layer[:, cols] = torch.where(kept, exit_layer, num_layers).to(batch.layer.dtype)
-    return m, kept
+    return kept
 
 
 def _stops(batch: _Batch, c: int, m: int, stops: torch.Tensor, stop_check) -> None:
@@ -112,10 +110,19 @@ def _stops(batch: _Batch, c: int, m: int, stops: torch.Tensor, stop_check) -> No
         batch.done |= hit | (live & (pos + 1 >= batch.end))
 
 
+def _emit(emit, batch: _Batch, live: torch.Tensor, c: int, m: int) -> None:
+    """Each live sequence's tokens committed at positions ``c .. c + m`` (its generated, unstopped ones)."""
+    for i in live.nonzero().flatten().tolist():
+        lo, hi = max(c, int(batch.lengths[i])), min(c + m + 1, int(batch.end[i]))
+        if lo < hi:
+            emit(i, batch.tokens[i, lo:hi].tolist(), batch.layer[i, lo:hi].tolist(), batch.logprob[i, lo:hi].tolist())
+
+
 def speculative_loop(runner, prompts: list[list[int]], sampling, *, stop_ids: set[int], stop_check=None,
-                     k: int, num_layers: int) -> Decoded:
+                     k: int, num_layers: int, emit=None) -> Decoded:
     """Generate up to ``sampling.tokens_to_generate`` tokens per prompt on stage 0 by rounds of ``k``
-    drafts and one verification; ``extra["speculative"]`` holds the round statistics."""
+    drafts and one verification; ``extra["speculative"]`` holds the round statistics. ``emit(i, tokens,
+    exit_layers, logprobs)`` receives each round's committed tokens of sequence ``i`` (streaming)."""
     device = runner.eng.device
     batch = _Batch(prompts, sampling.tokens_to_generate, device)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
@@ -126,13 +133,17 @@ def speculative_loop(runner, prompts: list[list[int]], sampling, *, stop_ids: se
         free = batch.free(c, kr)
         _draft(runner, batch, first, c, kr)
         header = Header(RUN, MODE_VERIFY, n=c + kr - first, offset=first, step=c - batch.min_len, draft=kr)
-        payload = torch.cat([batch.tokens[:, c - 1: c + kr].flatten(), free.flatten()]).double()
-        report = runner.drive(header, payload, batch.tokens[:, c + kr - 1: c + kr])
-        m, kept = _commit(batch, report, c, kr, runner.exit, num_layers)
+        payload = VerifyPayload(batch.tokens[:, c - 1: c + kr], free)
+        verdict = runner.drive(header, payload, batch.tokens[:, c + kr - 1: c + kr])
+        m = verdict.accepted
+        kept = _commit(batch, verdict, c, runner.exit, num_layers)
         rounds += 1
         drafted += int(free.sum())
         accepted += int((kept[:, :kr] & free[:, : m + 1]).sum())
+        live = (batch.lengths <= c + m) & ~batch.done
         _stops(batch, c, m, stops, stop_check)
+        if emit is not None:
+            _emit(emit, batch, live, c, m)
         first, c = c + m, c + m + 1
     runner.finish()
     out = Decoded([], [], [])

@@ -12,9 +12,46 @@ from __future__ import annotations
 
 import torch
 
-from .engine import MODE_BEAM, RUN, Header
+from ..messages import MODE_BEAM, RUN, BeamReport, Header, Parents
+from ..runner import StageRunner, Step
 
-__all__ = ["beam_loop"]
+__all__ = ["BeamRunner", "beam_loop"]
+
+
+class BeamRunner(StageRunner):
+    """``batch`` = the beam width ``W``; the last stage reports each row's top ``beam_k`` next tokens."""
+
+    def __init__(self, eng, width: int, max_len: int, beam_k: int):
+        super().__init__(eng, width, max_len)
+        self.beam_k = beam_k
+
+    def payload_len(self, header: Header) -> int:
+        return Parents.size(self.b)
+
+    def read_payload(self, header: Header, t: torch.Tensor) -> Parents:
+        return Parents.unpack(t)
+
+    def report_len(self, header: Header) -> int:
+        return BeamReport.size(self.b, self.beam_k)
+
+    def read_report(self, header: Header, t: torch.Tensor) -> BeamReport:
+        return BeamReport.unpack(t, self.b)
+
+    def step(self, header: Header, payload: Parents, ids=None, hidden=None) -> Step:
+        if header.reorder:
+            self._reorder(payload.ids)
+        out = self.eng.model.infer(ids, inference_params=self.kv, hidden_states=hidden, num_last=1)
+        report = None
+        if self.eng.is_last:
+            top = torch.topk(torch.log_softmax(out.final.logits(), dim=-1), self.beam_k, dim=-1)
+            report = BeamReport(top.values.double(), top.indices)
+        return Step(header, payload, out.hidden, report)
+
+    def _reorder(self, parents: torch.Tensor) -> None:
+        """Row ``i`` of every layer's cache becomes the old row ``parents[i]``."""
+        for k_buf, v_buf in self.kv.key_value_memory_dict.values():
+            k_buf[: self.b] = k_buf[parents].clone()
+            v_buf[: self.b] = v_buf[parents].clone()
 
 
 class _Hypotheses:
@@ -39,14 +76,14 @@ def beam_loop(runner, prompt: list[int], sampling, stop_ids: set[int]) -> tuple[
     device = eng.device
     ids = torch.tensor([prompt] * width, dtype=torch.long, device=device)
     header = Header(RUN, MODE_BEAM, n=len(prompt), offset=0)
-    report = runner.drive(header, torch.zeros(width, dtype=torch.float64, device=device), ids)
+    report = runner.drive(header, Parents(torch.zeros(width, dtype=torch.long, device=device)), ids)
     beams: list[list[int]] = [[] for _ in range(width)]
     scores = torch.full((width,), float("-inf"), dtype=torch.float64, device=device)
     scores[0] = 0.0  # every row holds the same prompt: expand from one of them only
     finished = _Hypotheses(width, sampling.length_penalty)
     k = runner.beam_k
     for step in range(sampling.tokens_to_generate):
-        values, indices = report.view(2, width, k)
+        values, indices = report.values, report.indices
         cand = (scores.unsqueeze(1) + values).flatten()
         order = torch.argsort(cand, descending=True, stable=True)
         parents, new_beams, new_scores = [], [], []
@@ -70,7 +107,7 @@ def beam_loop(runner, prompt: list[int], sampling, stop_ids: set[int]) -> tuple[
             break
         header = Header(RUN, MODE_BEAM, n=1, offset=len(prompt) + step, reorder=1)
         last = torch.tensor([b[-1] for b in beams], dtype=torch.long, device=device).unsqueeze(1)
-        report = runner.drive(header, torch.tensor(parents, dtype=torch.float64, device=device), last)
+        report = runner.drive(header, Parents(torch.tensor(parents, device=device)), last)
     runner.finish()
     if len(finished.items) < width:
         for beam, s in zip(beams, scores.tolist()):

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..sampling import draw_from
+
 __all__ = ["Verdict", "verify_greedy", "verify_sampled"]
 
 
@@ -62,23 +64,26 @@ def verify_greedy(logits: torch.Tensor, drafts: torch.Tensor, free: torch.Tensor
     return _commit(ok, drafts, lambda rows, m: target[rows, m])
 
 
-def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, free: torch.Tensor,
-                   generator: torch.Generator | None) -> Verdict:
+def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, free: torch.Tensor, accept: torch.Tensor,
+                   residual: torch.Tensor) -> Verdict:
     """``p`` ``[b, k + 1, V]``: the full model's sampling distributions; ``q`` ``[b, k, V]``: the ones the
-    drafts were drawn from (same temperature / top-k / top-p); ``drafts``, ``free`` ``[b, k]``."""
+    drafts were drawn from (same temperature / top-k / top-p); ``drafts``, ``free`` ``[b, k]``. The random
+    numbers are given (a pure function, see ``sampling.Draws``): ``accept`` ``[b, k]`` uniforms for the
+    acceptance tests, ``residual`` ``[b, k + 1]`` for the token drawn where a sequence's accepted prefix
+    ends (a correction, or the bonus token after ``k`` accepted drafts)."""
     b, k = drafts.shape
     p_d = p[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
     q_d = q.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
-    u = torch.rand(b, k, generator=generator, device=p.device)
-    ok = ~free | (u * q_d < p_d)  # u < p/q without dividing by q (q(d) > 0: d was drawn from q)
+    # u < p/q without dividing by q (q(d) > 0: d was drawn from q)
+    ok = ~free | (accept.double() * q_d.double() < p_d.double())
 
     def correction(rows: torch.Tensor, m: int) -> torch.Tensor:
         dist = p[rows, m]
         if m < k:
-            residual = (dist - q[rows, m]).clamp(min=0.0)
-            mass = residual.sum(dim=-1, keepdim=True)
+            excess = (dist - q[rows, m]).clamp(min=0.0)
+            mass = excess.sum(dim=-1, keepdim=True)
             # a rejection implies p(d) < q(d), so p != q and the residual has mass; rounding aside
-            dist = torch.where(mass > 0, residual / mass.clamp(min=1e-30), dist)
-        return torch.multinomial(dist, 1, generator=generator).squeeze(-1)
+            dist = torch.where(mass > 0, excess / mass.clamp(min=1e-30), dist)
+        return draw_from(dist, residual[rows, m])
 
     return _commit(ok, drafts, correction)
