@@ -8,6 +8,18 @@ import os
 
 from setuptools import find_packages, setup
 
+# Literal lists: tools/install_missing.py reads them (without running this file) to see what is missing.
+REQUIRES = ["torch>=2.3", "numpy", "sentencepiece", "regex", "pybind11"]
+EXTRAS = {
+    "test": [
+        "pytest", "pytest-timeout", "transformers", "safetensors", "tokenizers", "matplotlib", "gguf",
+        "selenium", "accelerate", "tensorboard",
+    ],
+    "gguf": ["gguf"],
+    "viz": ["matplotlib"],
+    "gpu": ["flash-attn", "transformer-engine"],
+}
+
 ext_modules = []
 cmdclass = {}
 _helpers = os.path.join("megatron", "data", "helpers.cpp")
@@ -45,16 +57,8 @@ setup(
     packages=find_packages(include=["megatron", "megatron.*", "tools", "tools.*"]),
     include_package_data=True,
     package_data={"megatron": ["**/*.html", "**/*.js", "**/*.css", "data/*.cpp"]},
-    install_requires=["torch>=2.3", "numpy", "sentencepiece", "regex", "pybind11"],
-    extras_require={
-        "test": [
-            "pytest", "pytest-timeout", "transformers", "safetensors", "tokenizers", "matplotlib", "gguf",
-            "selenium", "accelerate", "tensorboard",
-        ],
-        "gguf": ["gguf"],
-        "viz": ["matplotlib"],
-        "gpu": ["flash-attn", "transformer-engine"],
-    },
+    install_requires=REQUIRES,
+    extras_require=EXTRAS,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -46,7 +46,7 @@ PP = 4
 
 @dataclass(frozen=True)
 class LLMConfig:
-    """One of EE-LLM's training configurations (reference section 9.1)."""
+    """One of EE-LLM's training configurations (its ``examples/ee_training/*.sh``)."""
 
     name: str
     layers: int

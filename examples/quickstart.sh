@@ -3,7 +3,7 @@
 #
 #   bash examples/quickstart.sh
 #
-# 1. installs what is missing (CPU torch pinned in the same pip command, as .ci/run does);
+# 1. installs what is missing (tools/install_missing.py: one pip command, CPU torch pinned in it);
 # 2. trains a 2048-piece SentencePiece tokenizer on the bundled King James Bible and tokenizes it
 #    (both skipped when already done);
 # 3. trains a 6-layer GPT with exits after layers 2 and 4 over a 2-stage pipeline (torchrun, 2 gloo
@@ -53,10 +53,9 @@ START=$SECONDS
 step() { printf '\n==> [%dm%02ds] %s\n' $(((SECONDS - START) / 60)) $(((SECONDS - START) % 60)) "$*"; }
 
 step "1/6 checking the Python packages"
-if ! (cd "$ROOT" && "$PYTHON" -c "import megatron, torch, numpy, sentencepiece, regex") 2>/dev/null; then
-  # CPU torch is pinned in the same command: an unpinned torch pulls a multi-GB CUDA build.
-  (cd "$ROOT" && "$PYTHON" -m pip install --disable-pip-version-check "torch==2.13.0" -e .)
-fi
+# The package and its requirements, in one pip command when something is missing (CPU torch pinned in it
+# when torch is missing: an unpinned torch pulls a multi-GB CUDA build); a check when all is there.
+"$PYTHON" "$ROOT/tools/install_missing.py"
 
 DATA=$WORK/data/sp$VOCAB
 SP_MODEL=$DATA/kjv_sp.model

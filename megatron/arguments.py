@@ -2,11 +2,14 @@
 
 ``parse_args`` accepts Megatron's and EE-LLM's flag names, defaults and argument groups, so the launch
 scripts of EE-LLM (``examples/ee_training/*.sh``, ``examples/ee_tuning/tune/*.sh``) parse unchanged.
-``validate_args(args, world_size)`` then derives what Megatron derives (dp, virtual pipeline size, ffn
-size, kv channels, params dtype, microbatches, early-exit default lists, bubble-fill counts) and checks
-the whole configuration before any process group exists, raising :class:`~megatron.config.ConfigError`
-with the flag and the fix. ``megatron.training.config.configs_from_args`` turns the result into the
-typed sections that the core code takes.
+``resolve(args, world_size)`` is the one configuration step: it derives on ``args`` what Megatron
+derives (dp, virtual pipeline size, ffn size, kv channels, params dtype, microbatches, early-exit
+default lists, bubble-fill counts) -- ``args`` stays the Megatron-named record that checkpoints store
+-- and returns the typed, validated :class:`~megatron.run_config.RunConfig` that training, the server,
+evaluation and the tools take. Validation runs once, before any process group exists, and raises
+:class:`~megatron.errors.ConfigError` with the flag and the fix. Each rule has one home: a section's
+``validate`` (or, for the bubble-fill counts, ``schedules.fill_counts``); this module only derives
+defaults and owns the rules about flags as spelled (refused, deprecated, ignored).
 
 Kernel-selection flags of Megatron's GPU build (fusions, async all-reduce ...) are accepted and
 ignored with one info line; flags of features we do not implement are refused when set.
@@ -17,14 +20,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import warnings
 
 import torch
 
-from megatron.config import ConfigError
+from megatron.config import EarlyExitConfig
+from megatron.core.pipeline_parallel.schedules import ScheduleError, fill_counts
+from megatron.errors import ConfigError
+from megatron.run_config import RunConfig
 from megatron.tokenizer import add_tokenizer_args
-from megatron.training.config import configs_from_args, optimal_fill_microbatches
 
-__all__ = ["build_parser", "parse_args", "validate_args", "IGNORED_FLAGS", "REFUSED_FLAGS"]
+__all__ = ["build_parser", "parse_args", "resolve", "IGNORED_FLAGS", "REFUSED_FLAGS"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +49,6 @@ IGNORED_FLAGS = {
     "use_ring_exchange_p2p": ("--use-ring-exchange-p2p", False, None),
     "delay_grad_reduce": ("--no-delay-grad-reduce", True, None),
     "distribute_saved_activations": ("--distribute-saved-activations", False, None),
-    "use_cpu_initialization": ("--use-cpu-initialization", False, None),
     "empty_unused_memory_level": ("--empty-unused-memory-level", 0, (0, 1, 2)),
     "transformer_impl": ("--transformer-impl", "local", ("local", "transformer_engine")),
     "use_mcore_models": ("--use-mcore-models", False, None),
@@ -171,6 +176,8 @@ def _add_initialization_args(parser):
     _flag(g, "--seed", type=int, default=1234, help="Seed of initialisation, dropout and data.")
     _flag(g, "--data-parallel-random-init", action="store_true")
     _flag(g, "--init-method-std", type=float, default=0.02, help="Std of the normal weight initialisation.")
+    _flag(g, "--use-cpu-initialization", action="store_true",
+          help="Draw the initial weights on the CPU: the same weights as a CPU run (slower on GPUs).")
     _add_refused(g, "init_method_xavier_uniform")
 
 
@@ -243,7 +250,7 @@ def _add_distributed_args(parser):
     _flag(g, "--use-distributed-optimizer", action="store_true", help="Shard optimizer state over dp.")
     _flag(g, "--local_rank", "--local-rank", type=int, default=None, help="Set by older launchers; unused.")
     _add_ignored(g, "overlap_p2p_comm", "scatter_gather_tensors_in_pipeline", "use_ring_exchange_p2p",
-                 "delay_grad_reduce", "use_cpu_initialization", "empty_unused_memory_level")
+                 "delay_grad_reduce", "empty_unused_memory_level")
 
 
 def _add_validation_args(parser):
@@ -427,6 +434,8 @@ def _virtual_pipeline_size(args, pp: int) -> int | None:
         raise ConfigError(f"{flag} must be >= 1, got {n}")
     if pp == 1:
         raise ConfigError(f"{flag} needs --pipeline-model-parallel-size > 1; drop the flag or raise the pipeline size")
+    if not args.layers_per_stage and not _positive(args.num_layers):
+        return None  # ModelConfig.validate names --num-layers
     counts = args.layers_per_stage or ([args.num_layers // pp] if args.num_layers % pp == 0 else None)
     if counts is None:
         raise ConfigError(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size "
@@ -441,21 +450,22 @@ def _virtual_pipeline_size(args, pp: int) -> int | None:
     return chunks.pop()
 
 
+def _positive(*values) -> bool:
+    return all(isinstance(v, int) and v >= 1 for v in values)
+
+
 def _derive_model(args) -> None:
-    for flag, dest in (("--num-layers", "num_layers"), ("--hidden-size", "hidden_size"),
-                       ("--num-attention-heads", "num_attention_heads"), ("--seq-length", "seq_length")):
-        if getattr(args, dest) is None or getattr(args, dest) < 1:
-            raise ConfigError(f"{flag} is required and must be a positive integer, got {getattr(args, dest)}")
-    if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = int(8 * args.hidden_size / 3 / 64) * 64 if args.swiglu else 4 * args.hidden_size
-    if args.kv_channels is None and args.hidden_size % args.num_attention_heads == 0:
-        args.kv_channels = args.hidden_size // args.num_attention_heads  # else ModelConfig.validate explains
+    """Megatron's defaults of the model sizes (the sizes themselves are checked by ModelConfig.validate)."""
+    h, heads = args.hidden_size, args.num_attention_heads
+    if args.ffn_hidden_size is None and _positive(h):
+        args.ffn_hidden_size = int(8 * h / 3 / 64) * 64 if args.swiglu else 4 * h
+    if args.kv_channels is None and _positive(h, heads) and h % heads == 0:
+        args.kv_channels = h // heads  # else ModelConfig.validate explains
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.position_embedding_type == "rope":
         args.add_position_embedding = False  # EE-LLM: rope replaces the learned position table
-    if args.fp16 and args.bf16:
-        raise ConfigError("--fp16 and --bf16 are exclusive; pick one")
+    # --fp16 with --bf16 is refused by OptimizerConfig.validate_precision.
     args.params_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
     if args.bf16 and not args.accumulate_allreduce_grads_in_fp32:
         args.accumulate_allreduce_grads_in_fp32 = True
@@ -463,54 +473,48 @@ def _derive_model(args) -> None:
 
 
 def _derive_batch(args) -> None:
+    """The global batch's default and the microbatch count (both checked by TrainingConfig.validate)."""
     mb, dp = args.micro_batch_size, args.data_parallel_size
-    if mb < 1:
-        raise ConfigError(f"--micro-batch-size must be >= 1, got {mb}")
-    if args.global_batch_size is None:
+    if args.global_batch_size is None and _positive(mb):
         args.global_batch_size = mb * dp
         _info(args, f"--global-batch-size not given: using --micro-batch-size x dp = {args.global_batch_size}")
     gb = args.global_batch_size
-    if gb < 1 or gb % (mb * dp):
-        raise ConfigError(f"--global-batch-size ({gb}) must be a positive multiple of --micro-batch-size ({mb}) x "
-                          f"data-parallel size ({dp}) = {mb * dp}")
-    args.num_microbatches = gb // (mb * dp)
-    args.consumed_train_samples = getattr(args, "consumed_train_samples", 0)
-    args.consumed_valid_samples = getattr(args, "consumed_valid_samples", 0)
+    args.num_microbatches = gb // (mb * dp) if _positive(mb, gb) else 0
 
 
 def _derive_early_exit(args) -> None:
-    n = len(args.exit_layer_nums)
-    for dest, default in (("exit_layer_weight", 1.0), ("exit_layer_weight_init", 0.0),
-                          ("exit_layer_temperature", 1.0)):
-        if not getattr(args, dest):
-            setattr(args, dest, [default] * n)
+    """The per-exit lists' defaults (EarlyExitConfig's) and the bubble-fill counts (fill_counts')."""
+    ee = EarlyExitConfig(exit_layer_nums=list(args.exit_layer_nums), exit_layer_weight=list(args.exit_layer_weight),
+                         exit_layer_weight_init=list(args.exit_layer_weight_init),
+                         exit_layer_temperature=list(args.exit_layer_temperature))
+    args.exit_layer_weight, args.exit_layer_weight_init = ee.weights, ee.weight_inits
+    args.exit_layer_temperature = ee.temperatures
     if not args.fill_explicit_bubbles:
         return
-    if args.pipeline_model_parallel_size < 2:
-        raise ConfigError("--fill-explicit-bubbles needs --pipeline-model-parallel-size > 1 (there are no bubbles)")
-    if args.backward_forward_ratio <= 0:
-        raise ConfigError(f"--backward-forward-ratio must be positive, got {args.backward_forward_ratio}")
-    opt = optimal_fill_microbatches(args.pipeline_model_parallel_size, args.backward_forward_ratio)
-    for flag, dest in (("--num-fill-warmup-microbatches", "num_fill_warmup_microbatches"),
-                       ("--num-fill-cooldown-microbatches", "num_fill_cooldown_microbatches")):
-        value = getattr(args, dest)
-        if value is None:
-            setattr(args, dest, opt)
-        elif value < 0:
-            raise ConfigError(f"{flag} must be >= 0, got {value}")
-        elif value > opt:
-            _info(args, f"{flag} {value} is above the useful maximum int((pp-1)*R/(1+R)) = {opt}; using {opt}",
-                  logging.WARNING)
-            setattr(args, dest, opt)
+    given = (args.num_fill_warmup_microbatches, args.num_fill_cooldown_microbatches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported below, once per job instead of once per rank
+        try:
+            counts = fill_counts(args.pipeline_model_parallel_size, args.backward_forward_ratio, *given)
+        except ScheduleError as e:
+            raise ConfigError(str(e)) from None
+    for flag, asked, used in zip(("--num-fill-warmup-microbatches", "--num-fill-cooldown-microbatches"), given, counts):
+        if asked is not None and asked != used:
+            _info(args, f"{flag} {asked} is more than the bubbles of pp {args.pipeline_model_parallel_size} hold "
+                        f"(--backward-forward-ratio {args.backward_forward_ratio}); using {used}", logging.WARNING)
+    args.num_fill_warmup_microbatches, args.num_fill_cooldown_microbatches = counts
 
 
-def validate_args(args: argparse.Namespace, world_size: int | None = None, *, training: bool = True,
-                  vocab_size: int | None = None) -> argparse.Namespace:
-    """Derive Megatron's values on ``args`` and check the whole run; returns ``args``.
+def resolve(args: argparse.Namespace, world_size: int | None = None, *, training: bool = True,
+            vocab_size: int | None = None) -> RunConfig:
+    """The one configuration step: derive Megatron's values on ``args`` and return the validated
+    :class:`RunConfig` of the run.
 
     ``world_size`` defaults to ``args.world_size`` (torchrun's ``WORLD_SIZE``). ``training=False``
     (tools, inference) skips the checks that only a training run needs (run length, lr, data).
-    ``vocab_size``: the tokenizer's, when already known. Idempotent: validating twice changes nothing."""
+    ``vocab_size``: the tokenizer's (build it first); without it ``--vocab-size`` or
+    ``--padded-vocab-size`` must be given. With it, ``args.padded_vocab_size`` records the padded
+    vocabulary (checkpoints keep one for every tp). Idempotent: resolving twice changes nothing."""
     world_size = world_size if world_size is not None else getattr(args, "world_size", 1)
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
@@ -521,8 +525,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None, *, tr
     _derive_parallel(args, world_size)
     _derive_batch(args)
     _derive_early_exit(args)
-    if vocab_size is None and args.vocab_size is None and args.padded_vocab_size is None:
-        # Not known before the tokenizer is built: check everything else with the smallest vocabulary.
-        vocab_size = 1
-    configs_from_args(args, vocab_size).validate(training=training)
-    return args
+    cfg = RunConfig.from_args(args, vocab_size).validate(training=training)
+    if vocab_size is not None and args.padded_vocab_size is None:
+        args.padded_vocab_size = cfg.model.padded_vocab_size = cfg.model.padded_vocab(cfg.parallel.tp)
+    return cfg

@@ -1,69 +1,60 @@
-"""Typed configuration sections and their validation.
+"""The model's configuration sections: :class:`ModelConfig` (the transformer) and :class:`EarlyExitConfig`
+(the exits), with their validation.
 
 Field names are Megatron / EE-LLM ``args`` attribute names so that checkpoints' ``args`` and launch
-scripts map one to one. ``validate`` methods raise :class:`ConfigError` whose message names the
-command-line flag and the fix; they run before any process group or tensor is built.
-
-Sections owned here so far: :class:`ModelConfig` (the transformer) and :class:`EarlyExitConfig` (the
-exits). Later issues add optimizer / data / training sections.
+scripts map one to one. ``validate`` methods raise :class:`~megatron.errors.ConfigError` whose message
+names the command-line flag and the fix; they run before any process group or tensor is built.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
-__all__ = ["ConfigError", "ModelConfig", "EarlyExitConfig", "validate_all"]
+from megatron.errors import ConfigError, require
 
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the flag and how to fix it."""
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
+__all__ = ["ConfigError", "ModelConfig", "EarlyExitConfig"]  # ConfigError: megatron.errors's, for importers
 
 
 @dataclass
 class ModelConfig:
     """The GPT / Llama transformer (Megatron flag names; defaults as Megatron / EE-LLM)."""
 
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_query_groups: int | None = None  # None: multi-head attention (one kv head per query head)
-    ffn_hidden_size: int | None = None  # None: 4h, or int(8h/3/64)*64 with swiglu
-    kv_channels: int | None = None  # None: hidden_size / num_attention_heads
-    seq_length: int = 16
-    max_position_embeddings: int | None = None  # None: seq_length
-    vocab_size: int = 128
-    padded_vocab_size: int | None = None  # None: padded with make_vocab_size_divisible_by * tp
-    make_vocab_size_divisible_by: int = 128
-    normalization: str = "LayerNorm"
-    norm_epsilon: float = 1e-5
-    swiglu: bool = False
-    position_embedding_type: str = "learned_absolute"
-    rotary_percent: float = 1.0
-    rotary_base: int = 10000
-    add_bias_linear: bool = True
-    attention_dropout: float = 0.1
-    hidden_dropout: float = 0.1
+    num_layers: int = 2  # transformer layers of the whole model (all stages)
+    hidden_size: int = 64  # width h of the residual stream
+    num_attention_heads: int = 4  # query heads per layer
+    num_query_groups: int | None = None  # key/value heads (GQA); None: one per query head (multi-head attention)
+    ffn_hidden_size: int | None = None  # MLP inner size; None: 4h, or int(8h/3/64)*64 with swiglu
+    kv_channels: int | None = None  # head dimension; None: hidden_size / num_attention_heads
+    seq_length: int = 16  # tokens per training sample (the data's sample length too)
+    max_position_embeddings: int | None = None  # rows of the learned position table; None: seq_length
+    vocab_size: int = 128  # the tokenizer's vocabulary (before padding)
+    padded_vocab_size: int | None = None  # embedding rows; None: vocab_size padded (make_vocab_size_divisible_by)
+    make_vocab_size_divisible_by: int = 128  # padding multiple of the vocabulary, per tensor-parallel rank
+    normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
+    norm_epsilon: float = 1e-5  # epsilon of every norm
+    swiglu: bool = False  # SwiGLU MLP (Llama) instead of GELU
+    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
+    rotary_percent: float = 1.0  # fraction of the head dimension RoPE rotates
+    rotary_base: int = 10000  # RoPE frequency base
+    add_bias_linear: bool = True  # biases on the linear layers (off: --disable-bias-linear)
+    attention_dropout: float = 0.1  # dropout on the attention probabilities
+    hidden_dropout: float = 0.1  # dropout on the attention and MLP outputs
     # Megatron divides scores by the layer number before an fp16 softmax and multiplies back inside it;
     # in exact arithmetic the result is unchanged and SDPA's softmax accumulates in fp32, so the flag
     # is accepted for compatibility and changes no numbers.
     apply_query_key_layer_scaling: bool = False
-    untie_embeddings_and_output_weights: bool = False
-    init_method_std: float = 0.02
-    sequence_parallel: bool = False
-    recompute_granularity: str | None = None  # None | "full" | "selective"
-    recompute_method: str | None = None  # "uniform" | "block" (full recompute only)
-    recompute_num_layers: int | None = None
-    use_flash_attn: bool = False
-    params_dtype: torch.dtype = torch.float32
-    seed: int = 1234
+    untie_embeddings_and_output_weights: bool = False  # an output layer of its own instead of the embedding's
+    init_method_std: float = 0.02  # std of the normal weight initialisation
+    use_cpu_initialization: bool = False  # draw on the CPU (the weights of a CPU run), not on the device
+    sequence_parallel: bool = False  # split norms and dropout over the tp ranks along the sequence (tp > 1)
+    recompute_granularity: str | None = None  # activation recomputation: None | "full" | "selective"
+    recompute_method: str | None = None  # with full recompute: "uniform" | "block"
+    recompute_num_layers: int | None = None  # with full recompute: layers per recomputed group / per stage
+    use_flash_attn: bool = False  # FlashAttention when installed, else PyTorch's SDPA
+    params_dtype: torch.dtype = torch.float32  # parameter dtype (from --fp16 / --bf16)
+    seed: int = 1234  # the run's seed: of the weights, and the base of the dropout and data-order seeds
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -108,22 +99,22 @@ class ModelConfig:
             ("--seq-length", self.seq_length),
             ("--vocab-size", self.vocab_size),
         ):
-            _require(isinstance(value, int) and value >= 1, f"{flag} must be a positive integer, got {value!r}")
+            require(isinstance(value, int) and value >= 1, f"{flag} must be a positive integer, got {value!r}")
         self._validate_attention(tp)
         self._validate_choices()
-        _require(self.ffn_size >= 1, f"--ffn-hidden-size resolved to {self.ffn_size}; set it explicitly (> 0)")
-        _require(self.ffn_size % tp == 0, f"--ffn-hidden-size ({self.ffn_size}) must be divisible by tp ({tp})")
+        require(self.ffn_size >= 1, f"--ffn-hidden-size resolved to {self.ffn_size}; set it explicitly (> 0)")
+        require(self.ffn_size % tp == 0, f"--ffn-hidden-size ({self.ffn_size}) must be divisible by tp ({tp})")
         for flag, p in (("--attention-dropout", self.attention_dropout), ("--hidden-dropout", self.hidden_dropout)):
-            _require(0.0 <= p < 1.0, f"{flag} must lie in [0, 1), got {p}")
-        _require(self.norm_epsilon > 0, f"--norm-epsilon must be positive, got {self.norm_epsilon}")
-        _require(self.init_method_std > 0, f"--init-method-std must be positive, got {self.init_method_std}")
+            require(0.0 <= p < 1.0, f"{flag} must lie in [0, 1), got {p}")
+        require(self.norm_epsilon > 0, f"--norm-epsilon must be positive, got {self.norm_epsilon}")
+        require(self.init_method_std > 0, f"--init-method-std must be positive, got {self.init_method_std}")
         if self.position_embedding_type == "learned_absolute":
-            _require(
+            require(
                 self.seq_length <= self.max_positions,
                 f"--seq-length ({self.seq_length}) exceeds --max-position-embeddings ({self.max_positions})",
             )
         if self.sequence_parallel:
-            _require(
+            require(
                 self.seq_length % tp == 0,
                 f"--sequence-parallel needs --seq-length ({self.seq_length}) divisible by tp ({tp})",
             )
@@ -133,80 +124,80 @@ class ModelConfig:
 
     def _validate_attention(self, tp: int) -> None:
         heads, groups = self.num_attention_heads, self.query_groups
-        _require(
+        require(
             heads % tp == 0,
             f"--num-attention-heads ({heads}) must be divisible by --tensor-model-parallel-size ({tp})",
         )
-        _require(
+        require(
             groups >= 1 and heads % groups == 0,
             f"--num-query-groups ({groups}) must divide --num-attention-heads ({heads})",
         )
-        _require(
+        require(
             groups % tp == 0,
             f"--num-query-groups ({groups}) must be divisible by --tensor-model-parallel-size ({tp}); "
             "lower tp or use more query groups",
         )
         if self.kv_channels is None:
-            _require(
+            require(
                 self.hidden_size % heads == 0,
                 f"--hidden-size ({self.hidden_size}) must be divisible by --num-attention-heads ({heads}) "
                 "unless --kv-channels is given",
             )
-        _require(self.head_dim >= 1, f"--kv-channels must be positive, got {self.kv_channels}")
+        require(self.head_dim >= 1, f"--kv-channels must be positive, got {self.kv_channels}")
 
     def _validate_choices(self) -> None:
-        _require(
+        require(
             self.normalization in ("LayerNorm", "RMSNorm"),
             f"--normalization must be LayerNorm or RMSNorm, got {self.normalization!r}",
         )
-        _require(
+        require(
             self.position_embedding_type in ("learned_absolute", "rope"),
             f"--position-embedding-type must be learned_absolute or rope, got {self.position_embedding_type!r}",
         )
         if self.position_embedding_type == "rope":
-            _require(
+            require(
                 0.0 < self.rotary_percent <= 1.0 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
                 f"--rotary-percent ({self.rotary_percent}) must give an even, positive rotary dimension "
                 f"of the head size {self.head_dim}",
             )
-            _require(self.rotary_base > 0, f"--rotary-base must be positive, got {self.rotary_base}")
+            require(self.rotary_base > 0, f"--rotary-base must be positive, got {self.rotary_base}")
 
     def _validate_recompute(self) -> None:
         g, m = self.recompute_granularity, self.recompute_method
-        _require(
+        require(
             g in (None, "full", "selective"),
             f"--recompute-granularity must be full or selective, got {g!r}",
         )
         if g == "full":
-            _require(
+            require(
                 m in ("uniform", "block"),
                 f"--recompute-granularity full needs --recompute-method uniform or block, got {m!r}",
             )
             n = self.recompute_num_layers
-            _require(
+            require(
                 isinstance(n, int) and n >= 1,
                 f"--recompute-granularity full needs --recompute-num-layers >= 1, got {n!r}",
             )
         else:
-            _require(m is None, f"--recompute-method {m} needs --recompute-granularity full")
+            require(m is None, f"--recompute-method {m} needs --recompute-granularity full")
 
 
 @dataclass
 class EarlyExitConfig:
     """EE-LLM's early-exit flags (argument group "multexit"). Empty ``exit_layer_nums``: a plain GPT."""
 
-    exit_layer_nums: list[int] = field(default_factory=list)
-    exit_layer_weight: list[float] = field(default_factory=list)  # [] -> 1.0 per exit
-    exit_layer_weight_init: list[float] = field(default_factory=list)  # [] -> 0.0 per exit
-    exit_layer_weight_warmup_iters: int = 0
-    exit_layer_weight_warmup_style: str = "linear"
-    exit_layer_temperature: list[float] = field(default_factory=list)  # [] -> 1.0 per exit
-    use_exit_norm: bool = False
-    use_exit_mlp: bool = False
-    use_exit_block: bool = False
-    untie_exit_output_weights: bool = False
-    pre_exit: bool = False
-    use_dynamic_exit_layer_weight: bool = False
+    exit_layer_nums: list[int] = field(default_factory=list)  # 1-based layers with an exit, ascending
+    exit_layer_weight: list[float] = field(default_factory=list)  # loss weight per exit; [] -> 1.0 each
+    exit_layer_weight_init: list[float] = field(default_factory=list)  # weight at the warm-up start; [] -> 0.0
+    exit_layer_weight_warmup_iters: int = 0  # iterations from the init weights to the final ones (0: none)
+    exit_layer_weight_warmup_style: str = "linear"  # warm-up curve: linear | cosine
+    exit_layer_temperature: list[float] = field(default_factory=list)  # training logit temperature; [] -> 1.0
+    use_exit_norm: bool = False  # a norm before each exit's output projection
+    use_exit_mlp: bool = False  # a branch MLP in each exit layer
+    use_exit_block: bool = False  # a whole transformer layer in each exit
+    untie_exit_output_weights: bool = False  # each exit has its own output projection
+    pre_exit: bool = False  # an exit reads the input of its layer instead of its output
+    use_dynamic_exit_layer_weight: bool = False  # weight each exit token's loss by its confidence
     # Ours (issue 13): exit parts, the self-distillation objective and inference helpers (README "Flags we add").
     use_exit_linear: bool = False  # h + W h + b before the exit norm (zero-initialised)
     exit_estimator: bool = False  # per exit, a small MLP predicting agreement with the final head
@@ -241,27 +232,27 @@ class EarlyExitConfig:
         """Check the exits against the model depth; return self."""
         exits = list(self.exit_layer_nums)
         for layer in exits:
-            _require(
+            require(
                 isinstance(layer, int) and 1 <= layer <= num_layers,
                 f"--exit-layer-nums: layer {layer!r} is outside 1..--num-layers ({num_layers}); "
                 "exit layer numbers start from 1",
             )
-        _require(
+        require(
             exits == sorted(set(exits)),
             f"--exit-layer-nums must be ascending without duplicates, got {exits}",
         )
         self._validate_lists(len(exits))
-        _require(
+        require(
             self.exit_layer_weight_warmup_iters >= 0,
             f"--exit-layer-weight-warmup-iters must be >= 0, got {self.exit_layer_weight_warmup_iters}",
         )
-        _require(
+        require(
             self.exit_layer_weight_warmup_style in ("linear", "cosine"),
             f"--exit-layer-weight-warmup-style must be linear or cosine, got {self.exit_layer_weight_warmup_style!r}",
         )
         if self.use_exit_mlp:
-            _require(bool(exits), "--use-exit-mlp needs at least one exit (--exit-layer-nums)")
-            _require(
+            require(bool(exits), "--use-exit-mlp needs at least one exit (--exit-layer-nums)")
+            require(
                 not self.pre_exit,
                 "--use-exit-mlp cannot be combined with --pre-exit: the branch MLP sits beside the layer's MLP; "
                 "use a post exit on the previous layer instead",
@@ -272,24 +263,24 @@ class EarlyExitConfig:
     def _validate_ours(self, has_exits: bool) -> None:
         for flag, on in (("--use-exit-linear", self.use_exit_linear), ("--exit-estimator", self.exit_estimator),
                          ("--exit-vocab-size", self.exit_vocab_size > 0)):
-            _require(not on or has_exits, f"{flag} needs at least one exit (--exit-layer-nums)")
-        _require(self.exit_estimator_hidden >= 1,
+            require(not on or has_exits, f"{flag} needs at least one exit (--exit-layer-nums)")
+        require(self.exit_estimator_hidden >= 1,
                  f"--exit-estimator-hidden must be a positive integer, got {self.exit_estimator_hidden}")
-        _require(self.exit_estimator_loss_weight >= 0,
+        require(self.exit_estimator_loss_weight >= 0,
                  f"--exit-estimator-loss-weight must be >= 0, got {self.exit_estimator_loss_weight}")
-        _require(self.exit_vocab_size >= 0, f"--exit-vocab-size must be >= 0 (0: none), got {self.exit_vocab_size}")
-        _require(0.0 <= self.exit_distillation_weight <= 1.0,
+        require(self.exit_vocab_size >= 0, f"--exit-vocab-size must be >= 0 (0: none), got {self.exit_vocab_size}")
+        require(0.0 <= self.exit_distillation_weight <= 1.0,
                  f"--exit-distillation-weight must lie in [0, 1], got {self.exit_distillation_weight}")
-        _require(self.exit_distillation_top_k >= 1,
+        require(self.exit_distillation_top_k >= 1,
                  f"--exit-distillation-top-k must be a positive integer, got {self.exit_distillation_top_k}")
-        _require(self.exit_distillation_temperature > 0,
+        require(self.exit_distillation_temperature > 0,
                  f"--exit-distillation-temperature must be positive, got {self.exit_distillation_temperature}")
 
     def validate_vocab(self, vocab_size: int) -> None:
         """Checks against the (unpadded) vocabulary."""
-        _require(not self.needs_teacher or self.exit_distillation_top_k <= vocab_size,
+        require(not self.needs_teacher or self.exit_distillation_top_k <= vocab_size,
                  f"--exit-distillation-top-k ({self.exit_distillation_top_k}) exceeds the vocabulary ({vocab_size})")
-        _require(self.exit_vocab_size <= vocab_size,
+        require(self.exit_vocab_size <= vocab_size,
                  f"--exit-vocab-size ({self.exit_vocab_size}) exceeds the vocabulary ({vocab_size})")
 
     def _validate_lists(self, n: int) -> None:
@@ -298,22 +289,11 @@ class EarlyExitConfig:
             ("--exit-layer-weight-init", self.exit_layer_weight_init),
             ("--exit-layer-temperature", self.exit_layer_temperature),
         ):
-            _require(
+            require(
                 len(values) in (0, n),
                 f"{flag} has {len(values)} values but --exit-layer-nums has {n}; give one per exit or none",
             )
         for t in self.temperatures:
-            _require(t > 0, f"--exit-layer-temperature values must be positive, got {t}")
+            require(t > 0, f"--exit-layer-temperature values must be positive, got {t}")
         for w in self.weights + self.weight_inits:
-            _require(w >= 0, f"--exit-layer-weight / --exit-layer-weight-init must be >= 0, got {w}")
-
-
-def validate_all(model: ModelConfig, ee: EarlyExitConfig, tp: int = 1, pp: int = 1, vpp: int = 1,
-                 layers_per_stage: Sequence[int] | None = None) -> None:
-    """Validate the model, the exits and the stage split together (before any process group exists)."""
-    from megatron.model.partition import partition
-
-    model.validate(tp)
-    ee.validate(model.num_layers)
-    ee.validate_vocab(model.vocab_size)
-    partition(model.num_layers, pp, vpp, ee.exit_layer_nums, layers_per_stage)
+            require(w >= 0, f"--exit-layer-weight / --exit-layer-weight-init must be >= 0, got {w}")

@@ -26,16 +26,11 @@ from megatron.core.pipeline_parallel.schedules import (  # noqa: E402
     ScheduleError,
     SimResult,
     ascii_grid,
-    early_exit_bubble_filling,
-    ee_tuning_stream,
-    forward_only,
-    interleaved_one_f_one_b,
-    no_pipelining,
-    one_f_one_b,
     simulate,
     validate,
 )
 from megatron.model.partition import partition  # noqa: E402
+from megatron.training.forward_backward import ScheduleOptions, build_schedule  # noqa: E402
 
 COLOURS = {
     "forward": "#4C72B0",
@@ -87,33 +82,22 @@ def layout(args: argparse.Namespace) -> tuple[int, int, list[int]]:
     if bad:
         raise ScheduleError(f"--exit-layer-nums {bad} outside 1..{n} (--num-layers)")
     vpp = n // pp // per_chunk
-    part = partition(n, pp, vpp, sorted(set(args.exit_layer_nums)))
-    owners = [part.owner(x) for x in args.exit_layer_nums]
-    return vpp, per_chunk, [o.chunk * pp + o.stage for o in owners]
+    return vpp, per_chunk, partition(n, pp, vpp, sorted(set(args.exit_layer_nums))).exit_positions
 
 
 def build(args: argparse.Namespace) -> tuple[Schedule, Costs, Schedule | None]:
-    """The requested schedule, its cost model, and plain 1F1B for comparison when filling."""
+    """The requested schedule, chosen where training chooses it (``build_schedule``), its cost model, and
+    plain 1F1B for comparison when filling."""
     pp, m, ratio = args.pipeline_model_parallel_size, args.num_microbatches, args.backward_forward_ratio
     vpp, per_chunk, exits = layout(args)
     costs = Costs(forward=per_chunk, backward=ratio * per_chunk,
                   exit_forward=args.exit_forward_cost, exit_backward=ratio * args.exit_forward_cost)
-    if (args.fill_explicit_bubbles or args.tune_exit) and vpp > 1:
-        raise ScheduleError("--fill-explicit-bubbles and --tune-exit need no virtual pipeline "
-                            "(drop --num-layers-per-virtual-pipeline-stage)")
-    if args.forward_only:
-        return forward_only(pp, m, vpp, exits), costs, None
-    if args.tune_exit:
-        return ee_tuning_stream(pp, m, exits), costs, None
-    if args.fill_explicit_bubbles:
-        filled = early_exit_bubble_filling(pp, m, exits, args.num_fill_warmup_microbatches,
-                                           args.num_fill_cooldown_microbatches, ratio, costs)
-        return filled, costs, one_f_one_b(pp, m, exits)
-    if pp == 1:
-        return no_pipelining(m, exits), costs, None
-    if vpp > 1:
-        return interleaved_one_f_one_b(pp, vpp, m, exits), costs, None
-    return one_f_one_b(pp, m, exits), costs, None
+    opts = ScheduleOptions(args.fill_explicit_bubbles, args.num_fill_warmup_microbatches,
+                           args.num_fill_cooldown_microbatches, ratio, args.tune_exit)
+    schedule = build_schedule(pp, vpp, m, exits, opts, evaluation=args.forward_only, costs=costs)
+    filled = args.fill_explicit_bubbles and not args.forward_only
+    baseline = build_schedule(pp, vpp, m, exits, ScheduleOptions(backward_forward_ratio=ratio)) if filled else None
+    return schedule, costs, baseline
 
 
 def category(schedule: Schedule, kind: ActionKind, mb: int) -> str:

@@ -1,6 +1,6 @@
 """Megatron's checkpoint directory layout, the tracker file and atomic writes.
 
-Layout (Megatron-LM's ``checkpointing.py``, which EE-LLM keeps)::
+Layout (Megatron's ``get_checkpoint_name`` in ``megatron/checkpointing.py``, unchanged by EE-LLM)::
 
     <dir>/latest_checkpointed_iteration.txt         the iteration number, or ``release``
     <dir>/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt

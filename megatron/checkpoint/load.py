@@ -42,9 +42,9 @@ __all__ = ["load_checkpoint", "load_args_from_checkpoint", "resolve_iteration", 
 log = logging.getLogger(__name__)
 
 # --use-checkpoint-args: (name, force). Unforced names fill only a value the user left unset (None);
-# forced ones always take the checkpoint's value. The early-exit names are forced as in EE-LLM (reference
-# 1.4); exit_layer_temperature, rotary_base and norm_epsilon are restored too (EE-LLM dropped them, which
-# silently changed a loaded model's numerics).
+# forced ones always take the checkpoint's value. The early-exit names are forced as in EE-LLM
+# (``load_args_from_checkpoint`` in its ``megatron/checkpointing.py``); exit_layer_temperature, rotary_base
+# and norm_epsilon are restored too (EE-LLM dropped them, which silently changed a loaded model's numerics).
 RESTORED_ARGS: tuple[tuple[str, bool], ...] = (
     ("num_layers", False), ("hidden_size", False), ("ffn_hidden_size", False), ("seq_length", False),
     ("num_attention_heads", False), ("num_query_groups", True), ("group_query_attention", True),

@@ -20,14 +20,12 @@ import argparse
 import logging
 from typing import NamedTuple
 
-from megatron.arguments import parse_args, validate_args
-from megatron.config import ConfigError
+from megatron.arguments import parse_args, resolve
 from megatron.core.parallel_state import ParallelState, init_distributed
+from megatron.errors import ConfigError
 from megatron.model import EarlyExitGPTModel
+from megatron.run_config import RunConfig
 from megatron.tokenizer.build import build_tokenizer_from_args
-# RunConfig and the flags -> config step still live with training (being reworked into the command-line
-# layer); this is the only place inference reaches them.
-from megatron.training.config import RunConfig, configs_from_args
 
 from .load import load_args_from_checkpoint, load_checkpoint
 
@@ -37,12 +35,14 @@ __all__ = ["build_model_chunks", "load_model_weights", "add_model_source_args", 
 log = logging.getLogger(__name__)
 
 
-def build_model_chunks(run: RunConfig, state: ParallelState, *, rng_tracker=None) -> list[EarlyExitGPTModel]:
-    """This rank's model chunks (one per virtual stage) on the rank's device, freshly initialised from the
-    run's seed. ``rng_tracker``: the tensor-parallel RNG streams dropout draws from (training)."""
+def build_model_chunks(run: RunConfig, state: ParallelState, *, rng_tracker=None,
+                       initialize: bool | str = True) -> list[EarlyExitGPTModel]:
+    """This rank's model chunks (one per virtual stage) on the rank's device, initialised from the run's
+    seed, or (``initialize="skip"``) left undrawn because a checkpoint is loaded into them next.
+    ``rng_tracker``: the tensor-parallel RNG streams dropout draws from (training)."""
     layout = run.partition()
     return [EarlyExitGPTModel(run.model, run.early_exit, state=state, partition=layout, chunk=c,
-                              rng_tracker=rng_tracker).to(state.device)
+                              rng_tracker=rng_tracker, initialize=initialize).to(state.device)
             for c in range(run.parallel.chunks)]
 
 
@@ -125,11 +125,12 @@ def load_inference_model(args: argparse.Namespace) -> LoadedModel:
     configuration, the process groups, then the chunks, and loads ``--load`` into them (or keeps the seeded
     random initialisation under ``--random-weights``)."""
     tokenizer = build_tokenizer_from_args(args, tp=args.tensor_model_parallel_size)
-    validate_args(args, args.world_size, training=False, vocab_size=tokenizer.vocab_size)
-    run = configs_from_args(args, tokenizer.vocab_size).validate(training=False)
+    run = resolve(args, args.world_size, training=False, vocab_size=tokenizer.vocab_size)
     init_distributed(run.parallel.distributed_backend, timeout_s=60.0 * run.parallel.distributed_timeout_minutes)
     state = ParallelState.build(run.parallel.dims, run.parallel.distributed_backend, run.parallel.device)
-    chunks = [chunk.eval() for chunk in build_model_chunks(run, state)]
+    # With --load the checkpoint must exist (exit_on_missing_checkpoint) and loads strictly: skip the draws.
+    initialize = "skip" if args.load is not None else True
+    chunks = [chunk.eval() for chunk in build_model_chunks(run, state, initialize=initialize)]
     if args.load is None:
         log.warning("using RANDOM weights (--random-weights): the answers are noise")
     else:

@@ -10,16 +10,17 @@ Three layers, from pure to stateful:
   holds this rank's coordinates, its groups and its device, and is passed down to the core modules (no
   module-level globals). ``ParallelState.single()`` is the one-process state used by unit tests and tools.
 
-Exit-aware helpers (which stages hold exits, which stages keep a copy of a tied output embedding) take
-the exit list and the layer partition as input, so they stay pure and testable; the group over the
-tied-embedding stages is always built from *sorted* ranks (EE-LLM built it from a set and could hang).
+Which stages hold exits and which keep a copy of a tied output projection is the partition's and the
+model's knowledge (``Partition.exit_stages``, ``megatron.model.tied_weight_holders``); the groups over
+such stages (``RankGrid.stage_groups``, ``ParallelState.new_stage_group``) are always built from *sorted*
+ranks (EE-LLM built the tied-embedding group from a set and could hang).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -28,10 +29,9 @@ __all__ = [
     "ParallelDims",
     "RankGrid",
     "ParallelState",
-    "exit_stages",
-    "tied_embedding_stages",
     "default_backend",
     "init_distributed",
+    "local_cuda_device",
     "ParallelConfigError",
 ]
 
@@ -141,36 +141,23 @@ class RankGrid:
         return [[pipe[s] for s in stages] for pipe in self.pp_groups()]
 
 
-def exit_stages(exit_layers: Sequence[int], layers_per_stage: Sequence[int]) -> list[int]:
-    """Sorted stages that own at least one exit. ``exit_layers`` are 1-based layer numbers and
-    ``layers_per_stage[s]`` is the number of transformer layers stage ``s`` owns (uneven splits allowed)."""
-    bounds, total = [], 0
-    for n in layers_per_stage:
-        total += n
-        bounds.append(total)
-    stages = set()
-    for layer in exit_layers:
-        if not 1 <= layer <= total:
-            raise ValueError(f"exit layer {layer} outside 1..{total} (--exit-layer-nums)")
-        stages.add(next(s for s, end in enumerate(bounds) if layer <= end))
-    return sorted(stages)
-
-
-def tied_embedding_stages(pp: int, stages_with_exits: Iterable[int], tied_exits: bool = True) -> list[int]:
-    """Stages holding a copy of the tied word embedding: first, last and (for tied exits) every exit stage."""
-    stages = {0, pp - 1}
-    if tied_exits:
-        stages.update(stages_with_exits)
-    return sorted(stages)
-
-
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def local_cuda_device(rank: int) -> torch.device:
+    """The GPU this process drives: ``LOCAL_RANK`` (torchrun), else the global rank modulo the GPUs seen."""
+    local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+    return torch.device("cuda", local)
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> None:
     """Initialise the default process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``, ``MASTER_PORT``). A no-op when already initialised or when run as one plain process."""
+    ``MASTER_ADDR``, ``MASTER_PORT``). A no-op when already initialised or when run as one plain process.
+
+    Under NCCL the process first selects its GPU and binds the group to it (``device_id``): NCCL then
+    builds the world communicator now, collectively, on the right GPU, instead of guessing the device at
+    the first operation (every rank on GPU 0 if none was set)."""
     if dist.is_initialized():
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -178,12 +165,28 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> No
         return
     import datetime
 
+    backend = backend or default_backend()
+    rank = int(os.environ.get("RANK", "0"))
+    extra = {}
+    if backend == "nccl":
+        device = local_cuda_device(rank)
+        torch.cuda.set_device(device)
+        extra["device_id"] = device
     dist.init_process_group(
-        backend=backend or default_backend(),
-        rank=int(os.environ.get("RANK", "0")),
+        backend=backend,
+        rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
+        **extra,
     )
+
+
+def _warm_up(device: torch.device) -> None:
+    """One all-reduce on the world group, joined by every rank. PyTorch documents a batched P2P as the
+    *first* operation of an NCCL group as undefined unless every rank of the group takes part (it may
+    hang); a pipeline's first exchange involves two stages only and, with mock data and no checkpoint to
+    load, nothing else communicates before it. Cheap on gloo too, so both backends run the same order."""
+    dist.all_reduce(torch.zeros(1, device=device))
 
 
 @dataclass
@@ -233,8 +236,7 @@ class ParallelState:
         backend = backend or dist.get_backend()
         if device is None:
             if backend == "nccl":
-                local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
-                device = torch.device("cuda", local)
+                device = local_cuda_device(rank)
                 torch.cuda.set_device(device)
             else:
                 device = torch.device("cpu")
@@ -250,6 +252,7 @@ class ParallelState:
             setattr(state, f"{attr}_group", mine[0])
             if attr in ("tp", "dp", "pp"):
                 setattr(state, f"{attr}_ranks", tuple(mine[1]))
+        _warm_up(state.device if backend == "nccl" else torch.device("cpu"))
         return state
 
     def new_stage_group(self, stages: Iterable[int]) -> dist.ProcessGroup | None:

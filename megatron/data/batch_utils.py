@@ -48,7 +48,8 @@ def broadcast_data(keys: Sequence[str], data: Mapping | None, tp_group, src_glob
     dims = [tuple(int(x) for x in row[1:1 + int(row[0])]) for row in shapes.cpu()]
     numels = [int(torch.Size(d).numel()) for d in dims]
     if is_src:
-        flat = torch.cat([t.reshape(-1).to(device=device, dtype=dtype) for t in tensors])
+        # non_blocking: a pinned batch (the loader pins under CUDA) is copied without stalling the host.
+        flat = torch.cat([t.reshape(-1).to(device=device, dtype=dtype, non_blocking=True) for t in tensors])
     else:
         flat = torch.empty(sum(numels), dtype=dtype, device=device)
     dist.broadcast(flat, src_global_rank, group=tp_group)

@@ -37,11 +37,12 @@ class Vocabulary:
     flags: str
 
 
-def data_vocabulary(tokenizer, tokenizer_type: str, vocab_size: int | None) -> Vocabulary:
+def data_vocabulary(tokenizer, tokenizer_type: str) -> Vocabulary:
     """The ids of ``tokenizer`` (the embedding has at least as many rows: the flags are validated so)."""
     if tokenizer_type == "NullTokenizer":
-        return Vocabulary(tokenizer.vocab_size, f"--vocab-size {vocab_size} (NullTokenizer: ids 0..{vocab_size - 1} "
-                                                f"and the end-of-document id {vocab_size})")
+        flag = tokenizer.vocab_size - 1  # --vocab-size N: ids 0..N-1 and the end-of-document id N
+        return Vocabulary(tokenizer.vocab_size, f"--vocab-size {flag} (NullTokenizer: ids 0..{flag - 1} "
+                                                f"and the end-of-document id {flag})")
     return Vocabulary(tokenizer.vocab_size, f"--tokenizer-type {tokenizer_type} (with its vocabulary file / model)")
 
 

@@ -9,7 +9,8 @@ projection: the word embedding with tied embeddings, else ``language_model.outpu
 need it but do not own it hold a copy: ``word_embeddings_for_head`` (EE-LLM's key) for the embedding,
 ``output_layer_for_exits`` (our key; EE-LLM cannot tie exits to an untied head) for the output layer.
 Copies are initialised identically by the seeded init (no communication); after backward,
-:func:`allreduce_tied_grads` sums their gradients over the holders, so every copy takes the same step.
+:func:`~megatron.core.distributed.finalize.reduce_tied_grads` sums their gradients over the holders, so
+every copy takes the same step.
 
 Training forward -> :class:`StageOutput`; the cached inference forward is :meth:`EarlyExitGPTModel.infer`
 (see ``megatron/model/inference.py``).
@@ -32,20 +33,18 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
 from megatron.core.tensor_parallel import VocabParallelEmbedding, gather_from_sequence_parallel_region
-from megatron.core.transformer import RotaryEmbedding, SeededInit
+from megatron.core.transformer import RotaryEmbedding, SeededInit, SkipInit
 
 from .exit_heads import EarlyExitTransformerLayer, exit_confidence, lm_logits, token_losses
 from .exit_objective import ExitTerms, TeacherTargets, exit_terms, teacher_targets
 from .language_model import LanguageModel, output_projection
 from .partition import Partition, partition as make_partition
 
-__all__ = ["StageOutput", "ExitState", "EarlyExitGPTModel", "tied_weight_holders", "allreduce_tied_grads",
-           "EXIT_VOCAB_KEY"]
+__all__ = ["StageOutput", "ExitState", "EarlyExitGPTModel", "tied_weight_holders", "EXIT_VOCAB_KEY"]
 
 WORD_EMBEDDINGS, OUTPUT_LAYER = "word_embeddings", "output_layer"
 EXIT_VOCAB_KEY = "exit_vocab"
@@ -89,9 +88,21 @@ def tied_weight_holders(part: Partition, config: ModelConfig, ee: EarlyExitConfi
     return {}
 
 
+def _recipe(config: ModelConfig, initialize: bool | str):
+    if initialize == "skip":
+        return SkipInit()
+    if initialize is True or initialize is False:
+        return SeededInit(config.seed, config.init_method_std, config.num_layers,
+                          config.use_cpu_initialization) if initialize else None
+    raise ValueError(f"initialize must be True, False or 'skip', got {initialize!r}")
+
+
 class EarlyExitGPTModel(nn.Module):
+    """``initialize``: ``True`` draws the seeded initial weights (on the model's device), ``False`` zeros
+    them, ``"skip"`` leaves them uninitialised for a strict checkpoint load that follows at once."""
+
     def __init__(self, config: ModelConfig, ee: EarlyExitConfig | None = None, *, state, partition: Partition | None = None,
-                 stage: int | None = None, chunk: int = 0, rng_tracker=None, initialize: bool = True,
+                 stage: int | None = None, chunk: int = 0, rng_tracker=None, initialize: bool | str = True,
                  layers_per_stage=None):
         super().__init__()
         ee = ee if ee is not None else EarlyExitConfig()
@@ -107,7 +118,7 @@ class EarlyExitGPTModel(nn.Module):
         self.spec = partition.spec(state.pp_rank if stage is None else stage, chunk)
         self.vocab = config.padded_vocab(state.tp)
         self.sequence_parallel = config.sequence_parallel and state.tp > 1
-        recipe = SeededInit(config.seed, config.init_method_std, config.num_layers) if initialize else None
+        recipe = _recipe(config, initialize)
         self.language_model = LanguageModel(config, ee, state=state, spec=self.spec, vocab=self.vocab, recipe=recipe,
                                             rng_tracker=rng_tracker)
         self.rotary = None
@@ -151,9 +162,6 @@ class EarlyExitGPTModel(nn.Module):
         """For each shared projection, the sorted stages holding it (for ``ParallelState.new_stage_group``)."""
         return {name: sorted({s for s, _ in holders})
                 for name, holders in tied_weight_holders(self.partition, self.config, self.ee).items()}
-
-    def allreduce_tied_grads(self, group) -> None:
-        allreduce_tied_grads([self], group)
 
     def _shared_weight(self, name: str) -> nn.Parameter:
         lm = self.language_model
@@ -271,21 +279,3 @@ class EarlyExitGPTModel(nn.Module):
         from .inference import inference_forward
 
         return inference_forward(self, *args, **kwargs)
-
-
-def allreduce_tied_grads(models: list[EarlyExitGPTModel], group=None) -> None:
-    """Sum the gradients of every shared projection over all its copies: first over the given chunks of
-    this rank, then over ``group`` (the holders' stages, from ``ParallelState.new_stage_group``; ``None``
-    for one process). Every copy ends with the total gradient."""
-    by_name: dict[str, list[nn.Parameter]] = {}
-    for m in models:
-        for name, p in m.tied_parameters().items():
-            by_name.setdefault(name, []).append(p)
-    for name in sorted(by_name):
-        params = by_name[name]
-        grads = [p.grad for p in params if p.grad is not None]
-        total = torch.stack(grads).sum(0) if grads else torch.zeros_like(params[0])
-        if group is not None:
-            dist.all_reduce(total, group=group)
-        for p in params:
-            p.grad = total.clone()

@@ -1,6 +1,6 @@
 """Hugging Face Llama / GPT-2 <-> our FULL state dict (see state_dict_sharding), and their configs.
 
-Tensor mapping (reference 7.4):
+Tensor mapping (that of Megatron's ``tools/checkpoint/loader_llama2_hf.py``, which EE-LLM uses unchanged):
 - Llama: ``embed_tokens`` -> word embedding, ``model.norm`` -> final norm, ``lm_head`` -> output layer
   (untied only), ``input_layernorm`` / ``post_attention_layernorm`` -> ``input_norm`` /
   ``post_attention_norm``, ``q/k/v_proj`` -> grouped ``query_key_value`` (per KV group: the group's query

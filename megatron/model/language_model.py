@@ -31,6 +31,7 @@ from megatron.core.tensor_parallel import (
     checkpoint,
     scatter_to_sequence_parallel_region,
 )
+from megatron.core.tensor_parallel.range_checks import check_index_range
 from megatron.core.transformer import InitScope, TransformerLayer, build_norm
 
 from .exit_heads import EarlyExitTransformerLayer
@@ -65,7 +66,7 @@ class Embedding(nn.Module):
             params_dtype=config.params_dtype)
         self.position_embeddings = None
         if config.position_embedding_type == "learned_absolute":
-            full = torch.zeros(config.max_positions, config.hidden_size)
+            full = torch.zeros(config.max_positions, config.hidden_size, device=state.device)
             fill = scope.normal("position_embeddings.weight")
             if fill is not None:
                 fill(full)
@@ -82,9 +83,8 @@ class Embedding(nn.Module):
         """``[b, s]`` ids -> ``[s(/tp), b, h]``."""
         e = self.word_embeddings(input_ids)
         if self.position_embeddings is not None:
-            limit = self.position_embeddings.num_embeddings
-            if position_ids.numel() and int(position_ids.max()) >= limit:
-                raise ValueError(f"position {int(position_ids.max())} >= --max-position-embeddings ({limit})")
+            check_index_range(position_ids, self.position_embeddings.num_embeddings, "position ids",
+                              "raise --max-position-embeddings or shorten the sequence")
             e = e + self.position_embeddings(position_ids)
         e = e.transpose(0, 1).contiguous()
         ctx = contextlib.nullcontext()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from megatron.config import ConfigError
+from megatron.errors import ConfigError
 
 __all__ = ["ChunkSpec", "Partition", "partition", "LAYERS_PER_STAGE_FLAG"]
 
@@ -64,6 +64,12 @@ class Partition:
     def exit_stages(self) -> list[int]:
         """Sorted stages owning at least one exit."""
         return sorted({self.owner(layer).stage for layer in self.exit_layers})
+
+    @property
+    def exit_positions(self) -> list[int]:
+        """The pipeline position ``chunk * pp + stage`` of each exit, sorted (a position holding two
+        exits appears twice): the schedules' ``exit_positions``."""
+        return sorted(self.owner(layer).chunk * self.pp + self.owner(layer).stage for layer in self.exit_layers)
 
 
 def _stage_counts(num_layers: int, pp: int, vpp: int, layers_per_stage: Sequence[int] | None) -> tuple[int, ...]:

@@ -1,6 +1,7 @@
 """The canonical FULL model state dict and its exact split into, and merge from, per-rank dicts.
 
-FULL state dict: every tensor unsharded, EE-LLM key names (reference 6.3) with GLOBAL indices: layer ``L``
+FULL state dict: every tensor unsharded, EE-LLM key names (its ``EarlyExitGPTModel.state_dict_for_save_checkpoint``,
+flattened with dots) with GLOBAL indices: layer ``L``
 (1-based) lives under ``language_model.encoder.layers.<L-1>.``, an untied exit projection under
 ``language_model.exit_output_layer.<L>.weight`` (keyed by its layer number, not by a local position), the
 ``exit_vocab`` buffer once (``--exit-vocab-size``), and no tied copies (``word_embeddings_for_head`` is

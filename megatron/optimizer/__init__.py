@@ -1,6 +1,6 @@
 """Optimizers of a training run: parameter groups, fp32 masters and loss scaling, global-norm clipping, and
 the data-parallel-sharded distributed optimizer. :func:`get_megatron_optimizer` builds the right one from
-an :class:`OptimizerConfig`; the lr / weight-decay schedule lives in ``megatron.optimizer_param_scheduler``.
+an :class:`OptimizerConfig`; :func:`build_scheduler` its lr / weight-decay schedule (``optimizer_param_scheduler``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from megatron.optimizer.config import OptimizerConfig
 from megatron.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler, build_grad_scaler
 from megatron.optimizer.optimizer import MixedPrecisionOptimizer
+from megatron.optimizer.optimizer_param_scheduler import OptimizerParamScheduler, build_scheduler
 from megatron.optimizer.param_groups import ParamCond, counted_once, get_param_groups
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "get_param_groups",
     "counted_once",
     "get_megatron_optimizer",
+    "OptimizerParamScheduler",
+    "build_scheduler",
 ]
 
 

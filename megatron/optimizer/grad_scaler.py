@@ -11,7 +11,7 @@ clean steps the scale is multiplied by ``growth_factor`` and the hysteresis budg
 
 from __future__ import annotations
 
-from megatron.config import ConfigError
+from megatron.errors import ConfigError
 
 __all__ = ["ConstantGradScaler", "DynamicGradScaler", "GradScaler", "build_grad_scaler"]
 

@@ -1,14 +1,17 @@
-"""Run a function in N gloo processes from a test, a benchmark or a notebook.
+"""Run a function in N processes (gloo, or NCCL on GPUs) from a test, a benchmark or a notebook.
 
-``run_distributed(fn, world_size, *args)`` forks ``world_size`` workers, initialises a gloo process
-group in each (a fresh file store, so no port can collide), calls ``fn(rank, world_size, *args)`` and
-returns the per-rank results in rank order. A failure in any rank is re-raised in the caller as
+``run_distributed(fn, world_size, *args)`` starts ``world_size`` workers, initialises a process group in
+each (a fresh file store, so no port can collide), calls ``fn(rank, world_size, *args)`` and returns the
+per-rank results in rank order. A failure in any rank is re-raised in the caller as
 :class:`DistributedTestError` carrying that rank's traceback; a hang is turned into an error after
 ``timeout`` seconds and every worker is killed.
 
-Workers use the ``fork`` start method (0.1-0.5 s per world instead of seconds for ``spawn``) and set
-``torch.set_num_threads(1)`` first thing: a forked child whose parent already ran a multithreaded op
-otherwise hangs in libgomp.
+``backend="gloo"`` (the default) forks the workers (0.1-0.5 s per world instead of seconds for
+``spawn``); they set ``torch.set_num_threads(1)`` first thing: a forked child whose parent already ran a
+multithreaded op otherwise hangs in libgomp. ``backend="nccl"`` gives rank ``r`` GPU ``r``
+(``LOCAL_RANK``, ``torch.cuda.set_device``, ``device_id``) and *spawns* the workers, since CUDA cannot be
+used in a child forked from a parent that has used it: ``fn``, its arguments and results must then be
+picklable (module-level functions). ``start_method`` overrides the choice.
 """
 
 from __future__ import annotations
@@ -23,25 +26,35 @@ import time
 import traceback
 from typing import Any, Callable
 
-__all__ = ["run_distributed", "DistributedTestError"]
+__all__ = ["run_distributed", "DistributedTestError", "BACKENDS"]
 
 
 class DistributedTestError(RuntimeError):
     """A worker raised, died or timed out."""
 
 
-def _worker(fn: Callable, rank: int, world_size: int, store_path: str, timeout: float, results, args, kwargs):
+BACKENDS = ("gloo", "nccl")
+
+
+def _worker(fn: Callable, rank: int, world_size: int, store_path: str, timeout: float, results, args, kwargs,
+            backend: str = "gloo"):
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
+        extra = {}
+        if backend == "nccl":
+            os.environ["LOCAL_RANK"] = str(rank)
+            torch.cuda.set_device(rank)
+            extra["device_id"] = torch.device("cuda", rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{store_path}",
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout),
+            **extra,
         )
         try:
             out = fn(rank, world_size, *args, **kwargs)
@@ -57,12 +70,26 @@ def _worker(fn: Callable, rank: int, world_size: int, store_path: str, timeout: 
         results.join_thread()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks; return results by rank.
+def _check_backend(backend: str, world_size: int) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"run_distributed: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "nccl":
+        import torch
 
-    ``fn`` and its results must be picklable only in the result direction (workers are forked, so
-    closures and lambdas work as ``fn``)."""
-    ctx = mp.get_context("fork")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < world_size:
+            raise DistributedTestError(f"backend 'nccl' with {world_size} ranks needs {world_size} GPUs, "
+                                       f"{gpus} visible; use backend='gloo' or fewer ranks")
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0, backend: str = "gloo",
+                    start_method: str | None = None, **kwargs: Any) -> list:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks; return results by rank.
+
+    Forked workers (gloo) need ``fn`` and its arguments picklable only in the result direction (closures
+    and lambdas work as ``fn``); spawned ones (nccl) need everything picklable."""
+    _check_backend(backend, world_size)
+    ctx = mp.get_context(start_method or ("spawn" if backend == "nccl" else "fork"))
     results = ctx.Queue()
     fd, store_path = tempfile.mkstemp(prefix="ee_megatron_store_")
     os.close(fd)
@@ -70,7 +97,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     procs = [
         ctx.Process(
             target=_worker,
-            args=(fn, rank, world_size, store_path, timeout, results, args, kwargs),
+            args=(fn, rank, world_size, store_path, timeout, results, args, kwargs, backend),
             daemon=True,
         )
         for rank in range(world_size)

@@ -6,10 +6,10 @@ Every invalid field raises :class:`RequestError` naming the field; the server an
 Every field is bounded here, before any rank sees the request: a value that passes cannot overflow a
 tensor, a seed or a division in generation (on a pipeline, one rank failing mid-generation leaves the
 others waiting). :class:`ServerLimits` holds the bounds that are flags of the launcher (request size,
-prompts, beams, batch tokens, connections, timeouts). EE-LLM's parser bugs (reference 12.9) are fixed
-here: booleans are read by value, ints are accepted where floats are, the default threshold means "no
-early exit", ``stop_sequences`` and ``beam_width`` work, and a missing ``top_p`` never crashes the
-``top_p_decay`` / ``top_p_bound`` checks.
+prompts, beams, batch tokens, connections, timeouts). The bugs of EE-LLM's parser (``MegatronGenerate.put``
+in its ``megatron/early_exit_text_generation_server.py``) are fixed here: booleans are read by value, ints
+are accepted where floats are, the default threshold means "no early exit", ``stop_sequences`` and
+``beam_width`` work, and a missing ``top_p`` never crashes the ``top_p_decay`` / ``top_p_bound`` checks.
 """
 
 from __future__ import annotations
@@ -321,7 +321,8 @@ def _apply_temperature(f: _Fields, sampling: SamplingParams, default: float, hi:
 # ------------------------------------------------------------------------------------------- PUT /api
 
 def parse_api_request(body: Any, limits: ServerLimits = DEFAULT_LIMITS) -> GenerationRequest:
-    """EE-LLM's ``PUT /api`` body (reference 8.6) -> :class:`GenerationRequest`, with its bugs fixed."""
+    """EE-LLM's ``PUT /api`` body (the fields ``MegatronGenerate.put`` reads) -> :class:`GenerationRequest`,
+    with its bugs fixed."""
     f = _Fields(body, known_extra=("no_log", "token_pieces"))
     for legacy, current in (("max_len", "tokens_to_generate"), ("sentences", "prompts")):
         if legacy in f.body:

@@ -21,7 +21,9 @@ from megatron.core.parallel_state import ParallelState
 from megatron.core.pipeline_parallel.p2p import PipelineP2P
 from megatron.core.pipeline_parallel.runtime import StepLosses, run_schedule
 from megatron.core.pipeline_parallel.schedules import (
+    Costs,
     Schedule,
+    ScheduleError,
     early_exit_bubble_filling,
     ee_tuning_stream,
     forward_only,
@@ -47,19 +49,25 @@ class ScheduleOptions:
     tune_exit: bool = False
 
 
-def build_schedule(pp: int, vpp: int, m: int, exit_stages: Sequence[int], opts: ScheduleOptions,
-                   evaluation: bool = False) -> Schedule:
-    """The step's schedule. ``exit_stages``: sorted stages holding at least one exit."""
+def build_schedule(pp: int, vpp: int, m: int, exit_positions: Sequence[int], opts: ScheduleOptions,
+                   evaluation: bool = False, costs: Costs | None = None) -> Schedule:
+    """The step's schedule (training, and ``tools/show_schedule.py``). ``exit_positions``: the pipeline
+    position ``chunk * pp + stage`` of each exit head (``Partition.exit_positions``; where exit heads cost
+    time in the simulator). ``costs``: the cost model bubble filling fits its fills to (default: forward
+    1, backward ``--backward-forward-ratio``)."""
+    if (opts.fill_explicit_bubbles or opts.tune_exit) and vpp > 1:
+        raise ScheduleError("--fill-explicit-bubbles and --tune-exit need no virtual pipeline (drop "
+                            "--num-layers-per-virtual-pipeline-stage)")
     if evaluation:
-        return forward_only(pp, m, vpp)
+        return forward_only(pp, m, vpp, exit_positions)
     if opts.tune_exit:
-        return ee_tuning_stream(pp, m, exit_stages)
+        return ee_tuning_stream(pp, m, exit_positions)
     if opts.fill_explicit_bubbles:
-        return early_exit_bubble_filling(pp, m, exit_stages, opts.num_fill_warmup_microbatches,
-                                         opts.num_fill_cooldown_microbatches, opts.backward_forward_ratio)
+        return early_exit_bubble_filling(pp, m, exit_positions, opts.num_fill_warmup_microbatches,
+                                         opts.num_fill_cooldown_microbatches, opts.backward_forward_ratio, costs)
     if vpp > 1:
-        return interleaved_one_f_one_b(pp, vpp, m)
-    return one_f_one_b(pp, m) if pp > 1 else no_pipelining(m)
+        return interleaved_one_f_one_b(pp, vpp, m, exit_positions)
+    return one_f_one_b(pp, m, exit_positions) if pp > 1 else no_pipelining(m, exit_positions)
 
 
 def activation_shape(seq_length: int, micro_batch_size: int, hidden_size: int, tp: int,

@@ -28,7 +28,7 @@ from megatron.training.setup import TrainingRun, read_text, set_train_mode
 from megatron.training.signal_handler import DistributedSignalHandler
 from megatron.training.trackers import Trackers
 
-__all__ = ["StepResult", "TrainResult", "train_step", "evaluate", "train"]
+__all__ = ["StepResult", "TrainResult", "phase_clock", "train_step", "evaluate", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -67,24 +67,41 @@ def _batches(run: TrainingRun, iterator, n: int) -> Callable[[int], dict]:
                                    d.eod_mask_loss)
 
 
+def phase_clock(device: torch.device, synchronize: bool) -> Callable[[], float]:
+    """``time.perf_counter``, taken after the device's queued work when ``synchronize`` (per-phase timers
+    are reported). CUDA runs kernels asynchronously: unsynchronised, a phase would measure how long it took
+    to queue its kernels and the next phase would absorb the rest. Without timers no synchronisation is
+    added: the iteration time of the log line is right anyway, since every step ends by reading its
+    losses on the host, which waits for everything queued before."""
+    if not (synchronize and device.type == "cuda"):
+        return time.perf_counter
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return clock
+
+
 def train_step(run: TrainingRun) -> StepResult:
     """One iteration at ``run.iteration`` (completed iterations so far); collective over the world."""
     cfg, opt = run.cfg, run.optimizer
     weights = exit_weights(run.iteration, cfg.early_exit)
-    t0 = time.perf_counter()
+    clock = phase_clock(run.state.device, cfg.logging.log_timers_to_tracker)
+    t0 = clock()
     for buffers in run.buffers:
         buffers.zero_grad()
     batches = _batches(run, run.train_iter, run.schedule.header.num_microbatches_total)
-    t1 = time.perf_counter()
+    t1 = clock()
     local = forward_backward(
         run.schedule, run.chunks, batches, run.state, tensor_shape=run.tensor_shape,
         exit_weights=weights, grad_buffers=run.buffers, tied_groups=run.tied_groups,
         loss_scale=opt.loss_scale if opt.grad_scaler is not None else None).mean()
-    t2 = time.perf_counter()
+    t2 = clock()
     ok, grad_norm, zeros = opt.step()
     if ok:
         run.scheduler.step(cfg.training.global_batch_size)
-    t3 = time.perf_counter()
+    t3 = clock()
     losses = reduce_losses(local, loss_keys(cfg.early_exit), run.state)
     timers = {"batch-generator": t1 - t0, "forward-backward": t2 - t1, "optimizer": t3 - t2}
     return StepResult(losses, ok, grad_norm, zeros, weights, timers)
@@ -105,7 +122,7 @@ def evaluate(run: TrainingRun) -> dict[str, float]:
                                          tensor_shape=run.tensor_shape, exit_weights={}).mean()
                 for k, v in reduce_losses(local, keys, run.state).items():
                     sums[k] = sums.get(k, 0.0) + v
-                run.args.consumed_valid_samples += t.global_batch_size
+                run.consumed_valid_samples += t.global_batch_size
     finally:
         set_train_mode(run.chunks, t.tune_exit)
     return {k: v / t.eval_iters for k, v in sums.items()}
@@ -170,7 +187,7 @@ class _Reporter:
         t = run.cfg.training
         seconds = s.time_per_iteration
         self.print(format_train_line(
-            iteration=run.iteration, train_iters=run.train_iters, consumed_samples=run.args.consumed_train_samples,
+            iteration=run.iteration, train_iters=run.train_iters, consumed_samples=run.consumed_train_samples,
             ms_per_iteration=seconds * 1000.0, learning_rate=lr, global_batch_size=t.global_batch_size,
             losses=s.mean_losses(), exit_weights=step.exit_weights, loss_scale=run.optimizer.loss_scale,
             grad_norm=step.grad_norm, num_zeros=step.num_zeros, skipped=s.skipped, nan=s.nan,
@@ -223,7 +240,7 @@ def train(run: TrainingRun, trackers: Trackers, start_time: float | None = None)
             t0 = time.perf_counter()
             step = train_step(run)
             run.iteration += 1
-            run.args.consumed_train_samples += run.samples_per_iteration
+            run.consumed_train_samples += run.samples_per_iteration
             reporter.step(step, time.perf_counter() - t0)
             if run.has_valid and run.iteration % t.eval_interval == 0:
                 reporter.evaluation(f"iteration {run.iteration}", evaluate(run))

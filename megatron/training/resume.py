@@ -1,9 +1,10 @@
 """Checkpoint wiring of a training run: load before training, save during and after it.
 
-``load_run`` restores model, optimizer, scheduler, RNG streams and the consumed-sample counts
-(``--load``, ``--finetune``, ``--no-load-optim``, ``--no-load-rng``, ``--load-iteration``,
-``--exit-on-missing-checkpoint``). ``save_run`` writes one iteration atomically (the checkpoint
-package's ordering) with the run's ``args``.
+``load_run`` restores model, optimizer, scheduler, RNG streams and the run's progress (iteration and
+consumed-sample counts, onto :class:`~megatron.training.setup.TrainingRun`; ``--load``, ``--finetune``,
+``--no-load-optim``, ``--no-load-rng``, ``--load-iteration``, ``--exit-on-missing-checkpoint``).
+``save_run`` writes one iteration atomically (the checkpoint package's ordering) with the run's ``args``,
+into which it first writes the progress (Megatron's checkpoints keep it there).
 
 ``--tune-exit`` refuses to start without a checkpoint to tune (the exits would learn a random backbone).
 With ``--tune-exit-pipeline-parallel-size k < pp`` it builds and loads only the first ``k`` stages. A
@@ -15,6 +16,7 @@ this run's progress, which a later load takes for every stage.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -23,20 +25,24 @@ from megatron.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from megatron.checkpoint.layout import atomic_write, is_temporary, iteration_dir, rank_dir
 from megatron.checkpoint.load import resolve_iteration
 from megatron.checkpoint.manifest import sha256_file
+from megatron.checkpoint.save import PROGRESS_FIELDS
 from megatron.training.setup import TrainingRun
 
-__all__ = ["load_run", "save_run", "copy_unbuilt_stages"]
+__all__ = ["load_run", "save_run", "copy_unbuilt_stages", "PROGRESS"]
+
+# The run's progress as Megatron's checkpoints keep it on args (the checkpoint package's counters and the
+# iteration); TrainingRun holds it while training.
+PROGRESS = ("iteration", *PROGRESS_FIELDS)
 
 log = logging.getLogger(__name__)
 
 
 def load_run(run: TrainingRun) -> int:
-    """Load ``--load`` into the run (collective); sets and returns ``run.iteration``."""
+    """Load ``--load`` into the run (collective); sets the run's progress and returns ``run.iteration``."""
     c = run.cfg.checkpoint
     args = run.args
-    args.consumed_train_samples = args.consumed_valid_samples = 0
+    run.iteration = run.consumed_train_samples = run.consumed_valid_samples = run.flops_so_far = 0
     if c.load is None:
-        run.iteration = 0
         return 0
     if run.cfg.training.tune_exit:
         # A tuning run needs its checkpoint. Remember which one the unbuilt stages come from, for every later
@@ -45,11 +51,17 @@ def load_run(run: TrainingRun) -> int:
                                                  required="--tune-exit tunes the exits of a pretrained model")
         if run.partial_stages:
             _unbuilt_stage_dirs(c.load, run.source_iteration, run.state.tp, run.state.pp, run.cfg.parallel.pp)
+    # The checkpoint package restores the saved progress onto the Namespace it is given (Megatron keeps it
+    # on args); a copy without progress takes it, so a fine-tune (which restores none) starts from zero.
+    loaded = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in PROGRESS})
     run.iteration = load_checkpoint(
-        c.load, run.chunks, run.optimizer, run.scheduler, run.state, args, full_pp=run.cfg.parallel.pp,
+        c.load, run.chunks, run.optimizer, run.scheduler, run.state, loaded, full_pp=run.cfg.parallel.pp,
         rng_tracker=run.rng_tracker, load_iteration=c.load_iteration, finetune=c.finetune,
         no_load_optim=c.no_load_optim, no_load_rng=c.no_load_rng,
         exit_on_missing_checkpoint=c.exit_on_missing_checkpoint)
+    run.consumed_train_samples = getattr(loaded, "consumed_train_samples", 0)
+    run.consumed_valid_samples = getattr(loaded, "consumed_valid_samples", 0)
+    run.flops_so_far = getattr(loaded, "num_floating_point_operations_so_far", 0)
     return run.iteration
 
 
@@ -112,6 +124,8 @@ def save_run(run: TrainingRun) -> None:
     c = run.cfg.checkpoint
     args = run.args
     args.iteration = run.iteration
+    args.consumed_train_samples, args.consumed_valid_samples = run.consumed_train_samples, run.consumed_valid_samples
+    args.num_floating_point_operations_so_far = run.flops_so_far
     copied = {}
     if run.partial_stages and run.state.rank == 0:
         sizes = (run.state.tp, run.state.pp, run.cfg.parallel.pp)

@@ -1,12 +1,14 @@
 """Building a training run from validated flags: process groups, seeds, model chunks, gradient buffers,
 optimizer, scheduler, schedules and data iterators.
 
-Order (Megatron's, with the validation moved before any process group): ``initialize`` validates the
-whole configuration with the world size from the environment, builds the tokenizer and the typed
-:class:`~megatron.training.config.RunConfig`, and only then creates the process groups;
+Order (Megatron's, with the validation moved before any process group): ``initialize`` builds the
+tokenizer, resolves the flags with the world size from the environment into the validated
+:class:`~megatron.run_config.RunConfig` (``megatron.arguments.resolve``, the one configuration step),
+and only then creates the process groups;
 ``build_run`` seeds the generators, builds the model (frozen backbone under ``--tune-exit``), the
 gradient buffers, optimizer and scheduler. Data iterators are built by ``attach_data`` after a
-checkpoint load, because the samplers resume from the restored consumed-sample counts.
+checkpoint load, because the samplers resume from the restored consumed-sample counts (the run's
+progress, kept on :class:`TrainingRun` and written to ``args`` when a checkpoint is saved).
 """
 
 from __future__ import annotations
@@ -15,19 +17,21 @@ import argparse
 import logging
 import os
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.arguments import validate_args
+from megatron.arguments import resolve
+from megatron.checkpoint.layout import read_tracker
 from megatron.checkpoint.model_loader import build_model_chunks
 from megatron.core.distributed.finalize import TiedGroups, late_params
 from megatron.core.distributed.grad_buffer import GradBuffers
 from megatron.core.parallel_state import ParallelState, init_distributed
 from megatron.core.pipeline_parallel.schedules import BACKWARD_KINDS, ActionKind, Schedule
 from megatron.core.tensor_parallel.random import RNGStatesTracker, model_parallel_seed
+from megatron.core.tensor_parallel.range_checks import check_token_batch
 from megatron.data.batch_utils import broadcast_data
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.mock_dataset import build_mock_train_valid_test_datasets
@@ -35,10 +39,9 @@ from megatron.data.samplers import build_data_iterator, build_pretraining_data_l
 from megatron.data.token_range import data_vocabulary
 from megatron.model import EarlyExitGPTModel
 from megatron.model.partition import Partition
-from megatron.optimizer import MixedPrecisionOptimizer, get_megatron_optimizer
-from megatron.optimizer_param_scheduler import OptimizerParamScheduler, build_scheduler
+from megatron.optimizer import MixedPrecisionOptimizer, OptimizerParamScheduler, build_scheduler, get_megatron_optimizer
+from megatron.run_config import RunConfig
 from megatron.tokenizer import build_tokenizer_from_args
-from megatron.training.config import RunConfig, configs_from_args
 from megatron.training.forward_backward import ScheduleOptions, activation_shape, build_schedule
 
 __all__ = ["TrainingRun", "initialize", "build_run", "attach_data", "read_text", "is_exit_param",
@@ -49,8 +52,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainingRun:
-    """Everything the loop needs, built once. ``args`` is the run's Megatron-named Namespace (stored
-    in checkpoints as ``args``; it carries ``consumed_train_samples`` like Megatron's)."""
+    """Everything the loop needs, built once, and the run's progress (``iteration`` and the consumed
+    samples). ``args`` is the run's Megatron-named Namespace, stored in checkpoints as ``args``: the
+    progress is written into it when a checkpoint is saved (``resume.save_run``), as Megatron keeps it."""
 
     args: argparse.Namespace
     cfg: RunConfig
@@ -67,7 +71,10 @@ class TrainingRun:
     tensor_shape: tuple[int, int, int]
     train_iters: int
     eod: int | None = None
-    iteration: int = 0
+    iteration: int = 0  # completed iterations
+    consumed_train_samples: int = 0  # training samples read so far (the samplers resume from it)
+    consumed_valid_samples: int = 0  # validation samples read so far
+    flops_so_far: float = 0  # floating-point operations of earlier runs (carried from checkpoint to checkpoint)
     train_iter: object = None
     valid_iter: object = None
     has_valid: bool = False
@@ -94,17 +101,13 @@ def world_from_env() -> tuple[int, int]:
 
 
 def initialize(args: argparse.Namespace) -> tuple[RunConfig, ParallelState, object]:
-    """Validate everything, build the tokenizer and the typed config, then the process groups.
+    """Build the tokenizer, resolve the flags (once) into the validated config, then the process groups.
     Returns ``(cfg, state, tokenizer or None)``."""
     args.rank, world = world_from_env()
-    validate_args(args, world)
     tokenizer = None
     if args.tokenizer_type is not None:
         tokenizer = build_tokenizer_from_args(args, args.tensor_model_parallel_size)
-    vocab = tokenizer.vocab_size if tokenizer is not None else None
-    cfg = configs_from_args(args, vocab).validate()
-    if tokenizer is not None and args.padded_vocab_size is None:
-        args.padded_vocab_size = cfg.model.padded_vocab(cfg.parallel.tp)
+    cfg = resolve(args, world, vocab_size=tokenizer.vocab_size if tokenizer is not None else None)
     p = cfg.parallel
     init_distributed(p.distributed_backend, timeout_s=60.0 * p.distributed_timeout_minutes)
     if dist.is_initialized():
@@ -116,7 +119,7 @@ def initialize(args: argparse.Namespace) -> tuple[RunConfig, ParallelState, obje
 
 def _seed(cfg: RunConfig, state: ParallelState) -> RNGStatesTracker:
     """Megatron's seeds: ``seed + 100 * pp_rank`` (+ ``10 * dp_rank`` with --data-parallel-random-init)."""
-    seed = cfg.training.seed + 100 * state.pp_rank
+    seed = cfg.model.seed + 100 * state.pp_rank
     if cfg.training.data_parallel_random_init:
         seed += 10 * state.dp_rank
     random.seed(seed)
@@ -155,8 +158,16 @@ def _train_if_all_params_train(module: torch.nn.Module, parent: bool) -> None:
         _train_if_all_params_train(child, module.training)
 
 
+def _initialization(cfg: RunConfig) -> bool | str:
+    """``"skip"`` when ``--load`` holds a checkpoint: it is loaded (strictly: every weight) right after the
+    build, so drawing initial weights first would only cost time (minutes on a large model)."""
+    c = cfg.checkpoint
+    will_load = c.load is not None and (c.load_iteration != 0 or read_tracker(c.load) is not None)
+    return "skip" if will_load else True
+
+
 def _build_model(cfg: RunConfig, state: ParallelState, tracker) -> list[EarlyExitGPTModel]:
-    chunks = build_model_chunks(cfg, state, rng_tracker=tracker)
+    chunks = build_model_chunks(cfg, state, rng_tracker=tracker, initialize=_initialization(cfg))
     if cfg.training.tune_exit:
         _freeze_backbone(chunks)
     set_train_mode(chunks, cfg.training.tune_exit)
@@ -179,16 +190,16 @@ def _forward_only(schedule: Schedule) -> Schedule:
 def _schedules(cfg: RunConfig, state: ParallelState, part: Partition) -> tuple[Schedule, Schedule]:
     """(training, evaluation) schedules of this run's stages."""
     p, t = cfg.parallel, cfg.training
-    opts = ScheduleOptions(t.fill_explicit_bubbles, t.num_fill_warmup_microbatches,
-                           t.num_fill_cooldown_microbatches, t.backward_forward_ratio, t.tune_exit)
+    # ScheduleOptions' fields are TrainingConfig fields of the same names (resolved there once).
+    opts = ScheduleOptions(**{f.name: getattr(t, f.name) for f in fields(ScheduleOptions)})
     m = t.num_microbatches
     if t.tune_exit and state.pp < p.pp:
         # Planned over the whole model's stages: the last stage built is not the model's head, and the
         # stream never reaches the stages that are not built.
-        tuning = build_schedule(p.pp, 1, m, part.exit_stages, opts)
+        tuning = build_schedule(p.pp, 1, m, part.exit_positions, opts)
         return tuning, _forward_only(tuning)
-    return (build_schedule(state.pp, p.chunks, m, part.exit_stages, opts),
-            build_schedule(state.pp, p.chunks, m, part.exit_stages, opts, evaluation=True))
+    return (build_schedule(state.pp, p.chunks, m, part.exit_positions, opts),
+            build_schedule(state.pp, p.chunks, m, part.exit_positions, opts, evaluation=True))
 
 
 def build_run(args: argparse.Namespace, cfg: RunConfig, state: ParallelState, eod: int | None = None) -> TrainingRun:
@@ -215,13 +226,13 @@ def build_run(args: argparse.Namespace, cfg: RunConfig, state: ParallelState, eo
 
 # --------------------------------------------------------------------------------------------- data
 def _datasets(run: TrainingRun, tokenizer, num_samples: list[int]):
-    d, seed = run.cfg.data, run.cfg.training.seed
+    d, m = run.cfg.data, run.cfg.model
     if d.mock_data:
-        vocab = tokenizer.vocab_size if tokenizer is not None else d.vocab_size
-        return build_mock_train_valid_test_datasets(num_samples, d.seq_length, vocab, seed, run.eod)
-    vocabulary = data_vocabulary(tokenizer, d.tokenizer_type, d.vocab_size)
+        vocab = tokenizer.vocab_size if tokenizer is not None else m.vocab_size
+        return build_mock_train_valid_test_datasets(num_samples, m.seq_length, vocab, m.seed, run.eod)
+    vocabulary = data_vocabulary(tokenizer, d.tokenizer_type)
     return build_train_valid_test_datasets(
-        d.data_path, d.split, num_samples, d.seq_length, seed, d.data_cache_path,
+        d.data_path, d.split, num_samples, m.seq_length, m.seed, d.data_cache_path,
         train_data_prefix=d.train_data_path, valid_data_prefix=d.valid_data_path,
         test_data_prefix=d.test_data_path, vocabulary=vocabulary)
 
@@ -244,7 +255,7 @@ def _iterator(run: TrainingRun, dataset, consumed: int):
 
 def attach_data(run: TrainingRun, tokenizer) -> None:
     """Build the datasets (collective) and this rank's train / valid iterators, resumed from
-    ``args.consumed_train_samples`` / ``args.consumed_valid_samples``."""
+    ``run.consumed_train_samples`` / ``run.consumed_valid_samples``."""
     t = run.cfg.training
     evaluations = run.train_iters // t.eval_interval + 1
     num_samples = [run.train_iters * run.samples_per_iteration,
@@ -254,8 +265,8 @@ def attach_data(run: TrainingRun, tokenizer) -> None:
         raise ValueError("the training dataset is empty: check --data-path / --split (the train share gets no "
                          "documents)")
     if run.iteration < run.train_iters and not t.skip_train:  # a finished run resumed has nothing left to read
-        run.train_iter = _iterator(run, train, run.args.consumed_train_samples)
-    run.valid_iter = _iterator(run, valid, run.args.consumed_valid_samples) if t.eval_iters > 0 else None
+        run.train_iter = _iterator(run, train, run.consumed_train_samples)
+    run.valid_iter = _iterator(run, valid, run.consumed_valid_samples) if t.eval_iters > 0 else None
     # Every rank builds the same datasets, so every rank agrees on whether evaluation runs.
     run.has_valid = t.eval_iters > 0 and valid is not None and len(valid) > 0
     if t.eval_iters > 0 and not run.has_valid and run.state.rank == 0:
@@ -267,4 +278,8 @@ def read_text(run: TrainingRun, iterator) -> torch.Tensor:
     (exit stages need the labels); tp rank 0 reads and broadcasts to its tp group."""
     state = run.state
     data = next(iterator) if state.tp_rank == 0 else None
-    return broadcast_data(["text"], data, state.tp_group, state.tp_ranks[0])["text"].to(state.device)
+    if data is not None:  # on the host copy: checking on the device would stall it every microbatch
+        check_token_batch(torch.as_tensor(data["text"]), run.cfg.model.padded_vocab(state.tp))
+    # The loader pins its batches when CUDA is present: the copy overlaps with queued kernels.
+    return broadcast_data(["text"], data, state.tp_group, state.tp_ranks[0])["text"].to(state.device,
+                                                                                     non_blocking=True)

@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Mapping
 
-from megatron.training.config import LoggingConfig
+from megatron.run_config import LoggingConfig
 
 __all__ = ["Trackers", "build_trackers"]
 

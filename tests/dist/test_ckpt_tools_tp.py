@@ -8,12 +8,11 @@ import torch.distributed as dist
 
 transformers = pytest.importorskip("transformers")
 
+from megatron.checkpoint import checkpoint_file, load_checkpoint, read_file  # noqa: E402
 from megatron.core.parallel_state import ParallelDims, ParallelState  # noqa: E402
 from megatron.model.early_exit_gpt_model import EarlyExitGPTModel  # noqa: E402
+from megatron.run_config import RunConfig  # noqa: E402
 from megatron.testing.distributed import run_distributed  # noqa: E402
-from megatron.checkpoint import load_checkpoint  # noqa: E402
-from megatron.checkpoint import checkpoint_file, read_file  # noqa: E402
-from megatron.training.config import configs_from_args  # noqa: E402
 from tools.checkpoint import checkpoint_converter, util  # noqa: E402
 from tools.checkpoint.megatron_io import read_megatron  # noqa: E402
 from tools.checkpoint.verify import full_logits  # noqa: E402
@@ -24,7 +23,7 @@ IDS = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(5))
 def _worker(rank, world, root):
     state = ParallelState.build(ParallelDims.from_world(world, tp=2, pp=2))
     args = read_file(checkpoint_file(root, 1, state.tp_rank, state.pp_rank, 2))["args"]
-    run = configs_from_args(args)
+    run = RunConfig.from_args(args)
     model = EarlyExitGPTModel(run.model, run.early_exit, state=state, initialize=False).eval()
     load_checkpoint(root, [model], None, None, state, args, finetune=True)
     with torch.no_grad():

@@ -59,7 +59,8 @@ def _add_exits(converted, layers) -> str:
 
 
 def _is_exit(key: str) -> bool:
-    """EE-Tuning's trainable tensors (reference 6.1): exit norms / projections / blocks and MLP branches."""
+    """EE-Tuning's trainable tensors (EE-LLM's ``megatron/training.py`` under --tune-exit): exit norms /
+    projections / blocks and MLP branches."""
     return "exit" in key or ".branch." in key
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.config import EarlyExitConfig, ModelConfig
+from megatron.core.distributed.finalize import TiedGroups, reduce_tied_grads
 from megatron.core.parallel_state import ParallelDims, ParallelState
 from megatron.core.tensor_parallel import allreduce_sequence_parallel_grads, gather_full_tensor
 from megatron.core.transformer import InferenceParams
@@ -146,8 +147,7 @@ def _pp_worker(rank, world):
         out = m(hidden_states=h, labels=labels)
         (out.output.mean() + WEIGHTS[1] * out.exit_losses[3].mean()).backward()
         dist.send(h.grad, state.prev_rank)
-    (stages,) = m.tied_stages().values()
-    m.allreduce_tied_grads(state.new_stage_group(stages))
+    reduce_tied_grads([m], TiedGroups([m], state), attr="grad")  # training's reduction (finalize_model_grads)
     return {k: p.grad.clone() for k, p in m.tied_parameters().items()}
 
 

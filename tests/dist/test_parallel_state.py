@@ -62,3 +62,55 @@ def _hang(rank, world):
 def test_harness_times_out():
     with pytest.raises(DistributedTestError, match="did not finish"):
         run_distributed(_hang, 2, timeout=3)
+
+
+def _first_world_operation(rank, world):
+    """Record the communication calls from ParallelState.build to the first pipeline exchange."""
+    from megatron.core.pipeline_parallel.p2p import PipelineP2P
+
+    calls = []
+    for name in ("all_reduce", "barrier", "broadcast", "batch_isend_irecv"):
+        original = getattr(dist, name)
+
+        def record(*args, _name=name, _original=original, **kwargs):
+            group = kwargs.get("group")
+            calls.append((_name, group is None or group is dist.group.WORLD))
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, record)
+    state = ParallelState.build(ParallelDims(pp=2))
+    if state.pp_rank == 0:
+        PipelineP2P(state).exchange(sends=[(torch.ones(3), 1)])
+    else:
+        got = PipelineP2P(state).exchange(recvs=[((3,), torch.float32, 0)])[0]
+        assert torch.equal(got, torch.ones(3))
+    return calls
+
+
+def test_first_operation_on_the_world_is_a_collective():
+    """The pipeline's first exchange (a batched P2P) is never the first operation on the world group:
+    PyTorch leaves that undefined under NCCL unless every rank joins. ParallelState.build warms the group
+    up with an all-reduce every rank takes part in."""
+    for calls in run_distributed(_first_world_operation, 2):
+        assert calls[0] == ("all_reduce", True), calls
+        assert ("batch_isend_irecv", True) in calls
+
+
+def _rank_sum(rank, world):
+    x = torch.tensor([float(rank)])
+    dist.all_reduce(x)
+    return dist.get_backend(), x.item()
+
+
+def test_harness_spawns_workers_too():
+    """The start method NCCL worlds use (spawn: a forked child cannot use CUDA once the parent has),
+    exercised with gloo: module-level functions run and report."""
+    assert run_distributed(_rank_sum, 2, start_method="spawn", timeout=120) == [("gloo", 1.0), ("gloo", 1.0)]
+
+
+def test_harness_refuses_unknown_backends_and_missing_gpus():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        run_distributed(_rank_sum, 2, backend="mpi")
+    if torch.cuda.device_count() < 64:
+        with pytest.raises(DistributedTestError, match="needs 64 GPUs"):
+            run_distributed(_rank_sum, 64, backend="nccl")

@@ -120,3 +120,30 @@ def test_exit_duration_saves_and_stops(tmp_path):
     results = run_distributed(_started_an_hour_ago, 2, argv)
     assert [(r.exit_reason, r.iteration) for r in results] == [("duration", 1)] * 2
     assert read_tracker(str(tmp_path / "ckpt")) == (1, False)
+
+
+def test_progress_lives_on_the_run_and_reaches_args_only_at_saves(tmp_path, monkeypatch):
+    """Iteration and consumed samples are the run's state: ``args`` (what a checkpoint stores) receives them
+    when a checkpoint is written, and never without a save; a fine-tune restarts them at zero."""
+    from megatron.arguments import parse_args
+    from megatron.training import resume
+    from megatron.training.training import pretrain
+
+    stored, real = [], resume.save_checkpoint
+
+    def spy(save_dir, iteration, *rest, **kwargs):
+        args = rest[4]  # (chunks, optimizer, scheduler, state, args)
+        stored.append((iteration, args.iteration, args.consumed_train_samples))
+        return real(save_dir, iteration, *rest, **kwargs)
+
+    monkeypatch.setattr(resume, "save_checkpoint", spy)
+    saved = parse_args(tiny_argv(train_iters=3, save=tmp_path / "c", save_interval=2))
+    pretrain(saved)
+    assert stored == [(2, 2, 16), (3, 3, 24)]  # global batch 8
+    unsaved = parse_args(tiny_argv(train_iters=2))
+    lines = pretrain(unsaved).lines
+    assert "consumed samples: 16 |" in " ".join(lines[-1].split())
+    assert not hasattr(unsaved, "consumed_train_samples") and not hasattr(unsaved, "iteration")
+    tuned = pretrain(parse_args(tiny_argv("--finetune", train_iters=1, load=tmp_path / "c")))
+    assert [h["iteration"] for h in tuned.history] == [1]
+    assert "consumed samples: 8 |" in " ".join(tuned.lines[0].split())

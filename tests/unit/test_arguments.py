@@ -6,10 +6,10 @@ import logging
 import pytest
 import torch
 
-from megatron.arguments import IGNORED_FLAGS, parse_args, validate_args
+from megatron.arguments import IGNORED_FLAGS, parse_args, resolve
 from megatron.config import EarlyExitConfig, ModelConfig
 from megatron.optimizer.config import OptimizerConfig
-from megatron.training.config import configs_from_args
+from megatron.run_config import RunConfig
 
 DATA = ["--data-path", "0.0362", "/data/redpajama-arxiv/all", "0.0657", "/data/redpajama-book/all",
         "--split", "990,9,1"]
@@ -88,24 +88,24 @@ def shrink(argv, **sizes):
 
 @pytest.mark.parametrize("name,argv,world,expect,ffn", FULL_SIZE, ids=[c[0] for c in FULL_SIZE])
 def test_training_scripts_validate_unchanged(name, argv, world, expect, ffn):
-    args = validate_args(parse_args(argv), world, vocab_size=32000)
+    args = parse_args(argv)
+    run = resolve(args, world, vocab_size=32000)
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.data_parallel_size,
             args.num_microbatches) == expect
-    assert args.ffn_hidden_size == ffn  # int(8h/3/64)*64, reference section 9.1
+    assert args.ffn_hidden_size == ffn  # int(8h/3/64)*64, as EE-LLM's scripts get it with --swiglu
     assert args.params_dtype == torch.bfloat16 and args.accumulate_allreduce_grads_in_fp32
     assert args.add_position_embedding is False and not args.add_bias_linear
     assert args.sequence_parallel == (args.tensor_model_parallel_size > 1)
     assert args.pre_exit and args.exit_layer_temperature == [1.0, 1.0] and args.exit_layer_weight_init == [0.0, 0.0]
-    run = configs_from_args(args, vocab_size=32000)
-    assert run.partition().exit_stages == [1, 2]  # the first layer of stages 1 and 2 (reference 9.1)
+    assert run.partition().exit_stages == [1, 2]  # the first layer of stages 1 and 2 (pre-exits, as EE-LLM's)
     assert run.logging.wandb_project == "EE-LLM" and run.logging.log_timers_to_tracker
     assert run.data.data_path == DATA[1:5] and run.checkpoint.save == run.checkpoint.load == "/ckpt/EE-LLM"
 
 
 @pytest.mark.parametrize("name,argv,world,dp", TUNING, ids=[c[0] for c in TUNING])
 def test_tuning_scripts_validate_unchanged(name, argv, world, dp):
-    args = validate_args(parse_args(argv), world, vocab_size=32000)
-    run = configs_from_args(args, vocab_size=32000)
+    args = parse_args(argv)
+    run = resolve(args, world, vocab_size=32000)
     assert run.parallel.dp == dp and run.parallel.pp == 4
     assert run.parallel.stages == args.tune_exit_pipeline_parallel_size
     assert run.training.tune_exit and run.checkpoint.finetune
@@ -124,12 +124,13 @@ def test_shrunk_scripts_validate():
                  global_batch_size=16)
     argv = shrink(FULL_SIZE[0][1], exit_layer_nums=[3, 5], tensor_model_parallel_size=2,
                   pipeline_model_parallel_size=2, micro_batch_size=2, **small)
-    args = validate_args(parse_args(argv), 4, vocab_size=1000)
+    args = parse_args(argv)
+    resolve(args, 4, vocab_size=1000)
     assert (args.data_parallel_size, args.num_microbatches, args.ffn_hidden_size) == (1, 8, 128)
     assert args.sequence_parallel
     tune = shrink(TUNING[2][1], exit_layer_nums=[1, 2, 3, 4, 5, 6, 7, 8], num_query_groups=2, ffn_hidden_size=96,
                   **small)
-    run = configs_from_args(validate_args(parse_args(tune), 8, vocab_size=1000), vocab_size=1000)
+    run = resolve(parse_args(tune), 8, vocab_size=1000)
     assert run.model.num_query_groups == 2 and run.parallel.dp == 2 and run.partition().exit_stages == [0, 1, 2, 3]
 
 
@@ -147,7 +148,7 @@ def test_megatron_and_ee_llm_defaults():
     assert (args.attention_dropout, args.hidden_dropout, args.weight_decay, args.adam_eps) == (0.1, 0.1, 0.01, 1e-8)
     assert (args.initial_loss_scale, args.loss_scale_window, args.hysteresis) == (2.0**32, 1000, 2)
     assert args.split == "969, 30, 1" and args.eval_interval == 1000 and args.eval_iters == 100
-    validate_args(args, 2)
+    resolve(args, 2)
     assert args.global_batch_size == 2 and args.num_microbatches == 1
     assert args.ffn_hidden_size == 128 and args.kv_channels == 8 and args.max_position_embeddings == 16
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,29 +177,33 @@ def test_tracker_and_tensorboard_spellings_share_a_dest():
 
 def test_fill_counts_follow_rule_3(caplog):
     ee = ["--pipeline-model-parallel-size", "4", "--exit-layer-nums", "1", "--fill-explicit-bubbles"]
-    args = validate_args(parse_args(BASE + ee), 4)
+    args = parse_args(BASE + ee)
+    resolve(args, 4)
     assert (args.num_fill_warmup_microbatches, args.num_fill_cooldown_microbatches) == (2, 2)  # int(3*2/3)
-    args = validate_args(parse_args(BASE + ee + ["--backward-forward-ratio", "1", "--num-fill-warmup-microbatches",
-                                                 "0", "--num-fill-cooldown-microbatches", "5"]), 4)
+    args = parse_args(BASE + ee + ["--backward-forward-ratio", "1", "--num-fill-warmup-microbatches", "0",
+                                   "--num-fill-cooldown-microbatches", "5"])
+    run = resolve(args, 4)
     assert (args.num_fill_warmup_microbatches, args.num_fill_cooldown_microbatches) == (0, 1)  # int(3*1/2) = 1
     assert "--num-fill-cooldown-microbatches 5" in caplog.text
+    assert (run.training.num_fill_warmup_microbatches, run.training.num_fill_cooldown_microbatches) == (0, 1)
 
 
 def test_derived_parallel_values(caplog):
     caplog.set_level(logging.INFO, logger="megatron.arguments")
-    args = validate_args(parse_args(BASE + ["--num-layers", "8", "--pipeline-model-parallel-size", "2",
-                                            "--num-layers-per-virtual-pipeline-stage", "2", "--sequence-parallel",
-                                            "--global-batch-size", "12", "--micro-batch-size", "2"]), 6)
+    args = parse_args(BASE + ["--num-layers", "8", "--pipeline-model-parallel-size", "2",
+                              "--num-layers-per-virtual-pipeline-stage", "2", "--sequence-parallel",
+                              "--global-batch-size", "12", "--micro-batch-size", "2"])
+    resolve(args, 6)
     assert (args.data_parallel_size, args.virtual_pipeline_model_parallel_size, args.num_microbatches) == (3, 2, 2)
     assert not args.sequence_parallel and "--sequence-parallel has no effect" in caplog.text
-    uneven = validate_args(parse_args(BASE + ["--num-layers", "6", "--pipeline-model-parallel-size", "2",
-                                              "--layers-per-stage", "4", "2"]), 2)
-    assert configs_from_args(uneven).partition().layers_per_stage == (4, 2)
+    uneven = resolve(parse_args(BASE + ["--num-layers", "6", "--pipeline-model-parallel-size", "2",
+                                        "--layers-per-stage", "4", "2"]), 2)
+    assert uneven.partition().layers_per_stage == (4, 2)
 
 
 def test_megatron_clamps_parallel_sizes_to_a_small_world(caplog):
-    args = validate_args(parse_args(BASE + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
-                                            "4"]), 4)
+    args = parse_args(BASE + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "4"])
+    resolve(args, 4)
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.data_parallel_size) == (2, 2, 1)
     assert "Megatron's clamp" in caplog.text
 
@@ -207,7 +212,7 @@ def test_ignored_flags_are_accepted_with_one_info_line(caplog):
     caplog.set_level(logging.INFO, logger="megatron.arguments")
     flags = ["--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-gradient-accumulation-fusion",
              "--empty-unused-memory-level", "1", "--data-impl", "mmap", "--transformer-impl", "transformer_engine"]
-    validate_args(parse_args(BASE + flags), 1)
+    resolve(parse_args(BASE + flags), 1)
     lines = [r.getMessage() for r in caplog.records if "no effect here" in r.getMessage()]
     assert len(lines) == 1
     for flag in ("--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-gradient-accumulation-fusion",
@@ -218,10 +223,11 @@ def test_ignored_flags_are_accepted_with_one_info_line(caplog):
 
 
 def test_validate_is_idempotent_and_rope_drops_position_table():
-    args = validate_args(parse_args(BASE + ["--use-rotary-position-embeddings", "--exit-layer-nums", "2"]), 1)
+    args = parse_args(BASE + ["--use-rotary-position-embeddings", "--exit-layer-nums", "2"])
+    run = resolve(args, 1)
     first = dict(vars(args))
     assert args.position_embedding_type == "rope" and args.add_position_embedding is False
-    assert vars(validate_args(args, 1)) == first
+    assert resolve(args, 1) == run and vars(args) == first
 
 
 def test_args_to_configs_round_trip():
@@ -229,8 +235,8 @@ def test_args_to_configs_round_trip():
                    "--use-exit-block", "--group-query-attention", "--num-query-groups", "2", "--bf16",
                    "--pipeline-model-parallel-size", "2", "--layers-per-stage", "3", "1", "--save", "/c",
                    "--save-interval", "5", "--tensorboard-dir", "/tb", "--fill-explicit-bubbles", "--swiglu"]
-    args = validate_args(parse_args(argv), 4)
-    run = configs_from_args(args)
+    args = parse_args(argv)
+    run = resolve(args, 4)
     for section in (run.model, run.early_exit, run.optimizer, run.training, run.data, run.checkpoint, run.logging):
         for f in dataclasses.fields(section):
             if f.name not in ("num_query_groups",):
@@ -239,10 +245,10 @@ def test_args_to_configs_round_trip():
     assert isinstance(run.optimizer, OptimizerConfig) and run.model.num_query_groups == 2
     assert run.parallel.dims.dp == 2 and run.parallel.layers_per_stage == [3, 1]
     assert run.early_exit.use_exit_mlp and run.early_exit.use_exit_block  # allowed together (issue 3)
-    assert configs_from_args(run.to_args()) == run
+    assert RunConfig.from_args(run.to_args()) == run
     interleaved = BASE + ["--num-layers", "8", "--pipeline-model-parallel-size", "2",
                           "--num-layers-per-virtual-pipeline-stage", "2"]
-    saved = configs_from_args(validate_args(parse_args(interleaved), 2)).to_args()
+    saved = resolve(parse_args(interleaved), 2).to_args()
     assert saved.num_layers_per_virtual_pipeline_stage == 2 and saved.virtual_pipeline_model_parallel_size == 2
     args.exit_layer_nums.append(4)
     assert run.early_exit.exit_layer_nums == [1, 3]  # copied, not shared
@@ -255,7 +261,7 @@ def test_extra_args_provider_and_help():
         return parser
 
     args = parse_args(BASE + ["--port", "8080", "--use-flash-attn"], extra_args_provider=extra)
-    assert args.port == 8080 and configs_from_args(validate_args(args, 1)).model.use_flash_attn
+    assert args.port == 8080 and resolve(args, 1).model.use_flash_attn
     with pytest.raises(SystemExit) as done:
         parse_args(["--help"])  # every help string renders (argparse %-formats them)
     assert done.value.code == 0

@@ -1,11 +1,12 @@
-"""Every validation rule of validate_args: the bad configuration is refused and the error names the flag."""
+"""Every validation rule of the one configuration step (``resolve``): the bad configuration is refused and the
+error names the flag."""
 
 import pytest
 import torch
 
-from megatron.arguments import REFUSED_FLAGS, parse_args, validate_args
+from megatron.arguments import REFUSED_FLAGS, parse_args, resolve
 from megatron.config import ConfigError
-from megatron.training.config import LoggingConfig, ParallelConfig, TrainingConfig, configs_from_args
+from megatron.run_config import LoggingConfig, ParallelConfig, TrainingConfig
 
 BASE = ["--num-layers", "8", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--lr", "1e-3", "--train-iters", "10", "--mock-data", "--vocab-size", "100"]
@@ -118,7 +119,7 @@ def _validate(flags, world, drop=()):
     for flag in drop:
         i = argv.index(flag)
         del argv[i:i + (2 if i + 1 < len(argv) and not argv[i + 1].startswith("--") else 1)]
-    return validate_args(parse_args(argv + flags), world)
+    return resolve(parse_args(argv + flags), world)
 
 
 @pytest.mark.parametrize("flags,world,needle,drop", [(r[1], r[2], r[3], r[4] if len(r) > 4 else ()) for r in RULES],
@@ -135,13 +136,22 @@ def test_every_refused_flag_is_refused_by_name():
     for dest, (flag, _, _) in REFUSED_FLAGS.items():
         extra = [flag, values[dest]] if dest in values else [flag]
         with pytest.raises(ConfigError, match=flag):
-            validate_args(parse_args(BASE + extra), 1)
+            resolve(parse_args(BASE + extra), 1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda():
     with pytest.raises(ConfigError, match="--device cuda"):
-        validate_args(parse_args(BASE + ["--device", "cuda"]), 1)
+        resolve(parse_args(BASE + ["--device", "cuda"]), 1)
+
+
+def test_cuda_with_gloo_is_refused_not_run_on_the_cpu(monkeypatch):
+    """--device cuda --distributed-backend gloo used to build the process groups on the CPU without a word:
+    gloo moves CUDA tensors for broadcast and all-reduce only, so the run is refused before it starts."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="--distributed-backend gloo cannot run --device cuda"):
+        resolve(parse_args(BASE + ["--device", "cuda", "--distributed-backend", "gloo"]), 2)
+    assert resolve(parse_args(BASE + ["--device", "cuda"]), 2).parallel.distributed_backend == "nccl"
 
 
 def test_valid_variants_pass():
@@ -155,17 +165,16 @@ def test_valid_variants_pass():
     ]
     worlds = [1, 4, 4, 1, 4]
     for flags, world in zip(ok, worlds):
-        validate_args(parse_args(BASE + flags), world)
+        resolve(parse_args(BASE + flags), world)
 
 
 def test_not_training_skips_run_checks():
     argv = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16"]
-    args = validate_args(parse_args(argv), 1, training=False)
     with pytest.raises(ConfigError, match="--vocab-size"):
-        configs_from_args(args)
-    assert configs_from_args(args, vocab_size=50).model.vocab_size == 50
+        resolve(parse_args(argv), 1, training=False)  # the vocabulary must be known: a tokenizer's or the flag
+    assert resolve(parse_args(argv), 1, training=False, vocab_size=50).model.vocab_size == 50
     with pytest.raises(ConfigError, match="--train-iters"):
-        validate_args(parse_args(argv + ["--mock-data", "--vocab-size", "9", "--lr", "1"]), 1)
+        resolve(parse_args(argv + ["--mock-data", "--vocab-size", "9", "--lr", "1"]), 1)
 
 
 def test_sections_built_in_code_are_checked_too():
@@ -174,8 +183,6 @@ def test_sections_built_in_code_are_checked_too():
         ParallelConfig(tp=0).validate()
     with pytest.raises(ConfigError, match="--pipeline-model-parallel-size > 1"):
         ParallelConfig(pp=1, vpp=2).validate()
-    with pytest.raises(ConfigError, match="--sequence-parallel"):
-        ParallelConfig(sequence_parallel=True).validate()
     with pytest.raises(ConfigError, match="--tune-exit-pipeline-parallel-size"):
         ParallelConfig(pp=2, run_pp=3).validate()
     with pytest.raises(ConfigError, match="--num-fill-cooldown-microbatches"):
@@ -185,7 +192,13 @@ def test_sections_built_in_code_are_checked_too():
         TrainingConfig(train_iters=1, global_batch_size=4, num_microbatches=2).validate(dp=1, pp=1)
     with pytest.raises(ConfigError, match="--timing-log-level"):
         LoggingConfig(timing_log_level=3).validate()
-    run = configs_from_args(validate_args(parse_args(BASE + ["--pipeline-model-parallel-size", "2"]), 2))
+    run = resolve(parse_args(BASE + ["--pipeline-model-parallel-size", "2"]), 2)
     run.parallel.run_pp = 1
     with pytest.raises(ConfigError, match="--tune-exit"):
         run.validate()
+    run = resolve(parse_args(BASE), 1)
+    run.model.sequence_parallel = True  # the rule spans the model (its home) and the parallel layout
+    with pytest.raises(ConfigError, match="--sequence-parallel"):
+        run.validate()
+    with pytest.raises(ConfigError, match="--distributed-backend gloo cannot run --device cuda"):
+        ParallelConfig(device="cuda", distributed_backend="gloo").validate()

@@ -84,3 +84,21 @@ def test_freed_output_backpropagates_like_the_kept_one():
     view = torch.randn(4, 4, requires_grad=True)[1:]
     free_output(view)  # a view's storage is its base's: left alone
     assert view.untyped_storage().nbytes() == 16 * view.element_size()
+
+
+def test_step_losses_stay_on_the_device_until_the_step_ends():
+    """Adding a microbatch's losses reads nothing back to the host (a meta tensor, which has no values,
+    would fail at the first read); ``mean()`` reads every sum once, as the host precision it had before."""
+    from megatron.core.pipeline_parallel.runtime import StepLosses
+
+    on_device = StepLosses()
+    for _ in range(3):
+        on_device.add("lm loss", torch.empty((), device="meta", requires_grad=True))
+        on_device.add("early loss [2]", torch.empty((), device="meta"))
+    assert on_device.counts == {"lm loss": 3, "early loss [2]": 3}
+    losses = StepLosses()
+    for value in (1.0, 2.0, 4.5):
+        losses.add("lm loss", torch.tensor(value, requires_grad=True))
+    losses.add("early loss [2]", torch.tensor(0.25))
+    assert losses.mean() == {"early loss [2]": 0.25, "lm loss": 2.5}
+    assert StepLosses().mean() == {}

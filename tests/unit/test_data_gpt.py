@@ -1,4 +1,5 @@
-"""GPT dataset indexing against a literal transcription of reference 10.2, sample contents against the token
+"""GPT dataset indexing against a literal transcription of Megatron's ``_build_index_mappings``
+(``megatron/data/gpt_dataset.py``, with ``build_sample_idx`` of ``helpers.cpp``), sample contents against the token
 stream, C++ == numpy index builders, the index cache, blending weights, mock data and the batch masks."""
 
 import hashlib
@@ -19,7 +20,7 @@ needs_cpp = pytest.mark.skipif(not helpers.HAVE_CPP, reason=f"C++ helpers not bu
                                "run `python setup.py build_ext --inplace`")
 
 
-# ---- reference 10.2, step by step (loops on purpose: an oracle, not an implementation) ----
+# ---- Megatron's index mappings, step by step (loops on purpose: an oracle, not an implementation) ----
 def ref_sample_idx(sizes, doc_idx, seq_len, epochs, tokens_per_epoch):
     n = (epochs * tokens_per_epoch - 1) // seq_len
     out = [(0, 0)]

@@ -22,7 +22,8 @@ SPEC_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np
 
 
 def _hand_written(prefix, docs_of_seqs, dtype):
-    """The layout of reference 10.1 spelled out with struct, independent of our writer."""
+    """The layout of Megatron's ``MMapIndexedDataset`` (``megatron/data/indexed_dataset.py``) spelled out with
+    struct, independent of our writer."""
     seqs = [np.asarray(s, dtype) for doc in docs_of_seqs for s in doc]
     sizes = [len(s) for s in seqs]
     pointers, pos = [], 0

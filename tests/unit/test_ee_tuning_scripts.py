@@ -1,13 +1,13 @@
-"""The EE-Tuning scripts of examples/ee_tuning: EE-LLM's four tuning configurations (reference 9.2) parse and
-validate at their intended world size with the reference values; the shell scripts are syntactically valid."""
+"""The EE-Tuning scripts of examples/ee_tuning: EE-LLM's four tuning configurations (its
+examples/ee_tuning/tune/*.sh) parse and validate at their intended world size with the reference values; the
+shell scripts are syntactically valid."""
 
 import os
 import subprocess
 
 import pytest
 
-from megatron.arguments import parse_args, validate_args
-from megatron.training.config import configs_from_args
+from megatron.arguments import parse_args, resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TUNING = os.path.join(ROOT, "examples", "ee_tuning")
@@ -33,8 +33,8 @@ def _flags(script: str, *extra: str, **env: str) -> list[str]:
 @pytest.mark.parametrize("script", sorted(REFERENCE))
 def test_ee_llm_tuning_configuration_validates(script):
     (layers, hidden, heads, ffn, groups, qk_scaling), world, dp, tuned, exits = REFERENCE[script]
-    args = validate_args(parse_args(_flags(script, LOAD_PATH="/ckpt/in")), world_size=world, vocab_size=32000)
-    cfg = configs_from_args(args, 32000)
+    args = parse_args(_flags(script, LOAD_PATH="/ckpt/in"))
+    cfg = resolve(args, world_size=world, vocab_size=32000)
     m, p, t, ee, o = cfg.model, cfg.parallel, cfg.training, cfg.early_exit, cfg.optimizer
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size) == (layers, hidden, heads, ffn)
     assert (m.num_query_groups, m.apply_query_key_layer_scaling) == (groups, qk_scaling)

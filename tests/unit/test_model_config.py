@@ -5,9 +5,16 @@ import math
 
 import pytest
 
-from megatron.config import ConfigError, EarlyExitConfig, ModelConfig, validate_all
+from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
 from megatron.core.parallel_state import ParallelState
 from megatron.model import EarlyExitGPTModel, exit_weight, exit_weights, partition
+
+
+def validate_all(model, ee, tp=1, pp=1, vpp=1, layers_per_stage=None):
+    """The model, the exits and the stage split checked together, as RunConfig.validate checks them."""
+    model.validate(tp)
+    ee.validate(model.num_layers)
+    partition(model.num_layers, pp, vpp, ee.exit_layer_nums, layers_per_stage)
 
 
 def _model(**kw):

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from megatron.config import EarlyExitConfig, ModelConfig
+from megatron.core.distributed.finalize import reduce_tied_grads
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import model_parallel_seed
 from megatron.core.transformer import InferenceParams
-from megatron.model import EarlyExitGPTModel, allreduce_tied_grads, partition
+from megatron.model import EarlyExitGPTModel, partition
 
 GPT = dict(normalization="LayerNorm", swiglu=False, position_embedding_type="learned_absolute")
 LLAMA = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", num_query_groups=2,
@@ -101,7 +102,7 @@ def test_split_equals_unsplit(arch, pp, vpp, lps):
             torch.testing.assert_close(exits[layer], exits_ref[layer], rtol=0, atol=1e-6)
         loss_ref.backward()
         loss.backward()
-        allreduce_tied_grads(chunks, None)
+        reduce_tied_grads(chunks, None, attr="grad")  # one process holds every copy: no group
         seen = set()
         for m in chunks:
             for k, p in m.named_parameters():
@@ -239,3 +240,81 @@ def test_state_dict_keys_and_tied_copies():
     assert "language_model.exit_output_layer.0.weight" in sd and "output_layer_for_exits.weight" not in sd
     assert sd["language_model.encoder.layers.0.self_attention.query_key_value.weight"].shape == (2 * 4 * 8, 32)
     assert sd["language_model.encoder.layers.0.mlp.dense_h_to_4h.weight"].shape == (96, 32)
+
+
+@pytest.mark.parametrize("arch", [GPT, LLAMA], ids=["gpt", "llama"])
+def test_skip_init_draws_nothing_and_a_load_gives_the_model(monkeypatch, arch):
+    """``initialize="skip"`` (a checkpoint is loaded right after) draws no weight and builds the same
+    parameters; loading a drawn model's state dict makes it that model."""
+    from megatron.core.transformer import initialization
+
+    c, ee = cfg(**arch), EarlyExitConfig(exit_layer_nums=[2], use_exit_mlp=True, use_exit_norm=True)
+    drawn = EarlyExitGPTModel(c, ee, state=ParallelState.single()).eval()
+
+    def no_draws(*args):
+        raise AssertionError("a weight was drawn")
+
+    monkeypatch.setattr(initialization, "derive_seed", no_draws)
+    skipped = EarlyExitGPTModel(c, ee, state=ParallelState.single(), initialize="skip").eval()
+    want, got = drawn.state_dict(), skipped.state_dict()
+    assert [(k, v.shape, v.dtype) for k, v in want.items()] == [(k, v.shape, v.dtype) for k, v in got.items()]
+    skipped.load_state_dict(want, strict=True)
+    ids, labels = data()
+    torch.testing.assert_close(skipped(input_ids=ids, labels=labels).output, drawn(input_ids=ids, labels=labels).output,
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="initialize"):
+        EarlyExitGPTModel(c, ee, state=ParallelState.single(), initialize="lazy")
+
+
+def test_training_skips_the_init_only_when_a_checkpoint_will_load(tmp_path):
+    from types import SimpleNamespace
+
+    from megatron.training.setup import _initialization
+
+    def run_cfg(load, load_iteration=0):
+        return SimpleNamespace(checkpoint=SimpleNamespace(load=load, load_iteration=load_iteration))
+
+    assert _initialization(run_cfg(None)) is True
+    assert _initialization(run_cfg(str(tmp_path))) is True  # --load without a checkpoint: start from scratch
+    assert _initialization(run_cfg(str(tmp_path), load_iteration=3)) == "skip"
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("5")
+    assert _initialization(run_cfg(str(tmp_path))) == "skip"
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_seeded_init_is_layout_independent_on_the_model_device(tp):
+    """Every tp rank draws the full weight on the layer's device and keeps its shard: the shards of any tp
+    put back together are the tp = 1 weight (row- and column-parallel, stride 2 for SwiGLU)."""
+    from megatron.core import tensor_parallel as tpl
+    from megatron.core.parallel_state import ParallelDims
+    from megatron.core.transformer import SeededInit
+
+    recipe = SeededInit(seed=3, std=0.02, num_layers=2)
+
+    def layers(state):
+        col = tpl.ColumnParallelLinear(8, 16, state=state, stride=2, init_method=recipe.normal(1, "h_to_4h"))
+        row = tpl.RowParallelLinear(16, 8, state=state, init_method=recipe.scaled(1, "4h_to_h"))
+        return col.weight.detach(), row.weight.detach()
+
+    col1, row1 = layers(ParallelState.single())
+    shards = [layers(ParallelState(dims=ParallelDims(tp=tp), rank=r)) for r in range(tp)]
+    torch.testing.assert_close(tpl.unshard_tensors([s[0] for s in shards], 0, 2), col1, rtol=0, atol=0)
+    torch.testing.assert_close(tpl.unshard_tensors([s[1] for s in shards], 1), row1, rtol=0, atol=0)
+    assert abs(row1.std().item() - 0.02 / 2) < 0.005
+
+
+def test_use_cpu_initialization_reaches_the_model_recipe():
+    """--use-cpu-initialization (a GPU run starting from a CPU run's weights): the flag reaches the model
+    config and the recipe draws on the CPU, which on a CPU weight is the plain draw."""
+    from megatron.arguments import parse_args, resolve
+    from megatron.core.transformer import SeededInit
+
+    flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
+             "--max-position-embeddings", "8", "--micro-batch-size", "1", "--lr", "1e-3", "--train-iters", "1",
+             "--mock-data", "--vocab-size", "64", "--device", "cpu"]
+    for extra, want in (([], False), (["--use-cpu-initialization"], True)):
+        assert resolve(parse_args(flags + extra), 1, vocab_size=64).model.use_cpu_initialization is want
+    a, b = torch.empty(5, 3), torch.empty(5, 3)
+    SeededInit(1, 0.02, 2).normal(1, "w")(a)
+    SeededInit(1, 0.02, 2, on_cpu=True).normal(1, "w")(b)
+    assert torch.equal(a, b)

@@ -13,7 +13,7 @@ from megatron.optimizer import (
     get_megatron_optimizer,
     get_param_groups,
 )
-from megatron.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.optimizer.optimizer_param_scheduler import OptimizerParamScheduler
 
 SINGLE = ParallelState.single()
 

@@ -1,13 +1,14 @@
 """Learning-rate / weight-decay schedules against hand-computed values, resume, and config validation."""
 
 import math
+import pickle
 from types import SimpleNamespace
 
 import pytest
 
 from megatron.config import ConfigError
 from megatron.optimizer.config import OptimizerConfig
-from megatron.optimizer_param_scheduler import OptimizerParamScheduler, build_scheduler, scheduler_steps
+from megatron.optimizer.optimizer_param_scheduler import OptimizerParamScheduler, build_scheduler, scheduler_steps
 
 
 def _opt(*mults):
@@ -112,6 +113,13 @@ def test_build_scheduler_from_config():
     s.step(4 * 6)  # iteration 6 of 11, decay over iterations 1..11
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
     assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.2 * 6 / 11)
+    # A checkpoint holds the state dict: plain data that names no module, so checkpoints saved while the
+    # scheduler was megatron/optimizer_param_scheduler.py (before it moved into megatron/optimizer/) load.
+    saved = pickle.dumps(s.state_dict())
+    assert b"megatron" not in saved and b"Scheduler" not in saved
+    again = build_scheduler(_opt(), cfg, train_iters=11, train_samples=None, global_batch_size=4)
+    again.load_state_dict(pickle.loads(saved))
+    assert again.num_steps == s.num_steps and again.get_lr() == s.get_lr()
 
 
 @pytest.mark.parametrize("kwargs, flag", [

@@ -51,3 +51,31 @@ def test_writes_png(tmp_path, capsys):
 def test_bad_flags_give_clear_errors(argv, message, capsys):
     assert show.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [
+    ["--fill-explicit-bubbles", "--num-fill-cooldown-microbatches", "1"], ["--tune-exit"], ["--forward-only"], [],
+    ["--num-layers-per-virtual-pipeline-stage", "1"],
+], ids=["fill", "tune", "forward-only", "1f1b", "interleaved"])
+def test_the_tool_chooses_its_schedule_where_training_does(flags, monkeypatch):
+    """The tool draws what a training run with the same flags executes: the schedule comes from
+    training/forward_backward.py's build_schedule, with the training run's exit positions."""
+    from megatron.model import partition
+    from megatron.training import forward_backward
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return forward_backward.build_schedule(*args, **kwargs)
+
+    monkeypatch.setattr(show, "build_schedule", spy)
+    args = show.parse_args(["--pipeline-model-parallel-size", "4", "--num-layers", "8", "--exit-layer-nums", "2",
+                            "4", "--num-microbatches", "8", *flags])
+    schedule, costs, _ = show.build(args)
+    vpp = show.layout(args)[0]
+    positions = partition(8, 4, vpp, [2, 4]).exit_positions  # what a training run passes
+    assert calls and calls[0][:4] == (4, vpp, 8, positions)
+    training = forward_backward.build_schedule(4, vpp, 8, positions, calls[0][4], evaluation=args.forward_only,
+                                               costs=costs)
+    assert schedule == training

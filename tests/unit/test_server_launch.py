@@ -7,6 +7,7 @@ import torch
 
 from megatron.config import ConfigError
 from megatron.core.parallel_state import ParallelState
+from megatron.core.transformer import initialization
 from megatron.checkpoint import save_checkpoint
 from megatron.checkpoint.model_loader import load_inference_model
 from megatron.text_generation.request import ServerLimits
@@ -43,14 +44,16 @@ def test_random_weights_build():
     assert info.vocab_size == tokenizer.vocab_size == 61  # NullTokenizer: ids 0..59 and eod 60
 
 
-def test_checkpoint_loaded_with_its_args(tmp_path):
+def test_checkpoint_loaded_with_its_args(tmp_path, monkeypatch):
     saved_args = server_args(SHAPE + TOKENIZER + ["--random-weights", "--seed", "7"])
     run, state, _, (saved,) = load_inference_model(saved_args)
     save_checkpoint(str(tmp_path), 3, [saved], None, None, ParallelState.single(), saved_args, save_optim=False,
                     save_rng=False)
     # No model-shape flags: they come from the checkpoint; the default seed would give other weights.
     args = server_args(["--load", str(tmp_path), "--use-checkpoint-args", "--device", "cpu"] + TOKENIZER)
-    run, _, _, (loaded,) = load_inference_model(args)
+    with monkeypatch.context() as m:  # the checkpoint is loaded strictly next: no initial weight is drawn
+        m.setattr(initialization, "derive_seed", _no_draws)
+        run, _, _, (loaded,) = load_inference_model(args)
     assert run.model.num_layers == 4 and run.early_exit.exit_layer_nums == [2]
     expected = saved.state_dict()
     _, _, _, (fresh,) = load_inference_model(server_args(SHAPE + TOKENIZER + ["--random-weights"]))
@@ -58,6 +61,10 @@ def test_checkpoint_loaded_with_its_args(tmp_path):
     for key, value in loaded.state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
     assert model_info(args, run).name == tmp_path.name
+
+
+def _no_draws(*args):
+    raise AssertionError("a weight was drawn although a checkpoint is loaded into the model next")
 
 
 def test_limit_flags(capsys):

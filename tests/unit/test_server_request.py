@@ -1,4 +1,5 @@
-"""Request parsing: EE-LLM's PUT /api fields with reference 12.9's bugs fixed, and OpenAI completions."""
+"""Request parsing: EE-LLM's PUT /api fields (its MegatronGenerate.put) with that parser's bugs fixed, and OpenAI
+completions."""
 
 import pytest
 

@@ -208,3 +208,81 @@ def test_checkpoint_trains_parameters_of_an_input_without_grad():
     frozen = torch.nn.Linear(8, 8).requires_grad_(False)
     assert not tpl.checkpoint(frozen, x, params=list(frozen.parameters())).requires_grad, \
         "nothing to train: no recompute in backward"
+
+
+class _FakeCuda:
+    """Stands in for the CUDA default generator on a CPU-only machine (a CPU generator behind
+    torch.cuda's state functions), so the tracker's bookkeeping of device states can be checked here."""
+
+    def __init__(self, monkeypatch, in_use: bool):
+        self.gen = torch.Generator().manual_seed(99)
+        self.in_use = in_use
+        from megatron.core.tensor_parallel import random as rnd
+
+        monkeypatch.setattr(rnd, "_cuda_in_use", lambda: self.in_use)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.gen.get_state())
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": self.gen.set_state(state))
+        monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: self.gen.manual_seed(seed))
+
+    def draw(self) -> torch.Tensor:
+        return torch.rand(4, generator=self.gen)
+
+
+@pytest.mark.parametrize("cuda_at_build", [False, True])
+def test_tracker_cuda_stream_is_seeded_and_never_rewinds_the_default(monkeypatch, cuda_at_build):
+    """A stream's CUDA draws come from its own seed whether CUDA was initialised before the tracker was
+    built or only afterwards (the model moved to the GPU later), and the default CUDA generator is not
+    rewound by a fork: the draws after a fork are not the fork's draws again."""
+    cuda = _FakeCuda(monkeypatch, in_use=cuda_at_build)
+    tracker = tpl.model_parallel_seed(7, ParallelState.single())
+    cuda.in_use = True
+    with tracker.fork():
+        inside = cuda.draw()
+    after = cuda.draw()
+    assert not torch.equal(inside, after), "the fork rewound the default CUDA generator"
+    expected = torch.rand(4, generator=torch.Generator().manual_seed(7 + 2718))
+    assert torch.equal(inside, expected), "the stream's CUDA state must come from its own seed"
+    with tracker.fork():
+        assert torch.equal(cuda.draw(), torch.rand(8, generator=torch.Generator().manual_seed(7 + 2718))[4:])
+    assert "cuda" in tracker.get_states()[tpl.MODEL_PARALLEL_RNG]
+
+
+# ---------------------------------------------------------------- input range checks
+def test_range_checks_read_values_on_the_cpu_only():
+    """On the CPU a bad id is a ValueError naming the range found and the fix; off the CPU the values are
+    never read on the host (a meta tensor has none to read: the check is queued on the device instead)."""
+    from megatron.core.tensor_parallel.range_checks import check_index_range, check_token_batch
+
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 5\) but range over \[-1, 3\]; fix it"):
+        check_index_range(torch.tensor([0, 3, -1]), 5, "ids", "fix it")
+    check_index_range(torch.tensor([], dtype=torch.long), 5, "ids", "fix it")
+    check_index_range(torch.tensor([[0, 4]]), 5, "ids", "fix it")
+    check_index_range(torch.empty(2, 3, dtype=torch.long, device="meta"), 5, "ids", "fix it")
+    with pytest.raises(ValueError, match="--vocab-size"):
+        check_token_batch(torch.tensor([[1, 64]]), 64)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 8\)"):
+        tpl.vocab_parallel_cross_entropy(torch.randn(1, 8), torch.tensor([8]))
+
+
+def test_embedding_and_cross_entropy_never_read_ids_off_the_cpu():
+    """The layers' own checks take the device path off the CPU: with ids on the meta device (which, like
+    a GPU tensor read from the host, cannot be read without a transfer) nothing is read back."""
+    ids = torch.empty(2, 3, dtype=torch.long, device="meta")
+    emb = tpl.VocabParallelEmbedding(10, 4, state=ParallelState.single("meta"))
+    assert emb(ids).shape == (2, 3, 4)
+    assert tpl.vocab_parallel_cross_entropy(torch.empty(2, 3, 10, device="meta"), ids).shape == (2, 3)
+
+
+def test_training_batches_are_checked_on_their_host_copy():
+    """read_text checks the batch the loader produced, before it moves to the device (where a check
+    would cost a synchronisation per microbatch), with the message naming the flags to fix."""
+    from types import SimpleNamespace
+
+    from megatron.training.setup import read_text
+
+    cfg = SimpleNamespace(model=SimpleNamespace(padded_vocab=lambda tp: 16))
+    run = SimpleNamespace(state=ParallelState.single(), cfg=cfg, eod=None)
+    good = read_text(run, iter([{"text": torch.tensor([[1, 2, 15]])}]))
+    assert good.tolist() == [[1, 2, 15]]
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 16\) but range over \[1, 16\].*--vocab-size"):
+        read_text(run, iter([{"text": torch.tensor([[1, 2, 16]])}]))

@@ -31,7 +31,8 @@ def test_masks_are_built_per_microbatch_when_consumed(monkeypatch):
     g = torch.Generator().manual_seed(0)
     texts = [torch.randint(0, 12, (2, 17), generator=g) for _ in range(4)]
     flags = SimpleNamespace(reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True)
-    run = SimpleNamespace(state=ParallelState.single(), eod=EOD, cfg=SimpleNamespace(data=flags))
+    model = SimpleNamespace(padded_vocab=lambda tp: 16)  # read_text checks the ids against it
+    run = SimpleNamespace(state=ParallelState.single(), eod=EOD, cfg=SimpleNamespace(data=flags, model=model))
     built = []
     real = loop.model_inputs
     monkeypatch.setattr(loop, "model_inputs", lambda text, *a: built.append(text) or real(text, *a))

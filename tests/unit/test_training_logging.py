@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from megatron.config import EarlyExitConfig, ModelConfig
 from megatron.core.parallel_state import ParallelState
 from megatron.model import EarlyExitGPTModel
-from megatron.training.config import LoggingConfig
+from megatron.run_config import LoggingConfig
 from megatron.training.logging_utils import ProgressBar, format_eval_line, format_train_line, ppl
 from megatron.training.metrics import IntervalStats, flops_per_iteration, loss_keys, peak_memory_mb, reduce_losses
 from megatron.training.trackers import Trackers, build_trackers
@@ -137,3 +137,17 @@ def test_tensorboard_writes_event_files(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/lm loss")] == [(1, 2.0)]
+
+
+@pytest.mark.parametrize("device, timers, syncs", [("cuda", True, 2), ("cuda", False, 0), ("cpu", True, 0)])
+def test_phase_timers_wait_for_the_gpu_only_when_reported(monkeypatch, device, timers, syncs):
+    """Per-phase timers (--log-timers-to-tracker) wait for the device's queued kernels before each reading
+    on CUDA, so a phase is not credited with the previous phase's kernels; without timers no
+    synchronisation is added to the step."""
+    from megatron.training.loop import phase_clock
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(d))
+    clock = phase_clock(torch.device(device), timers)
+    assert clock() <= clock()
+    assert len(calls) == syncs and all(d == torch.device(device) for d in calls)

@@ -4,10 +4,10 @@ Working on the FULL dict (and resharding to the checkpoint's own layout afterwar
 one tensor: random initialisation is drawn once per key from a generator seeded by ``(seed, key)``, so it
 is reproducible, independent of the order of work, and every tp shard / tied copy agrees.
 
-add-exit (EE-LLM's ``tools/checkpoint/checkpoint_converter.py``, with its bugs fixed): the exit layers
-become the union of the existing and the requested ones; the exit parts (norm / MLP branch / block /
-untied projection) become the union of the existing and the requested ones and every exit missing a part
-gets it, old exits included.
+add-exit (EE-LLM's ``tools/checkpoint/checkpoint_converter.py --conversion-type add-exit``, with its bugs
+fixed): the exit layers become the union of the existing and the requested ones; the exit parts (norm /
+MLP branch / block / untied projection) become the union of the existing and the requested ones and every
+exit missing a part gets it, old exits included.
 Copy initialisation: ``exit_norm`` <- the final norm, the branch MLP <- the layer's own (trunk) MLP,
 ``exit_block`` <- the last backbone layer (its trunk MLP when that layer is an exit-MLP layer), an untied
 projection <- the output projection (``output_layer``, or the word embedding when tied). Random: norms 1,

@@ -148,13 +148,14 @@ def update_args(args: argparse.Namespace, cfg: ModelConfig, ee: EarlyExitConfig,
 def build_args(cfg: ModelConfig, ee: EarlyExitConfig, layout: Layout, tokenizer: Mapping | None = None
                ) -> argparse.Namespace:
     """A complete, validated Namespace (every flag at its default) for a model imported from HF / GGUF."""
-    from megatron.arguments import parse_args, validate_args
+    from megatron.arguments import parse_args, resolve
 
     args = update_args(parse_args([]), cfg, ee, layout, tokenizer)
     args.data_parallel_size = 1
     args.global_batch_size = args.micro_batch_size  # a placeholder the training run sets
     try:
-        return validate_args(args, world_size=layout.tp * layout.pp, training=False, vocab_size=cfg.vocab_size)
+        resolve(args, world_size=layout.tp * layout.pp, training=False, vocab_size=cfg.vocab_size)
+        return args
     except ConfigError as e:
         raise ConfigError(f"the converted model does not fit the target layout: {e}") from None
 

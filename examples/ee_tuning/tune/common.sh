@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Shared part of EE-LLM's EE-Tuning scripts (llama2_{13B,70B}_{8,1}_exit_mlp_pt.sh): launcher, data mixture,
-# optimizer, tuning and logging flags (reference 9.2). Sourced by those scripts after they set MODEL_ARGS,
-# EE_ARGS and NPROC_PER_NODE; extra command-line arguments of the script are appended last, so they override
-# any flag here (argparse keeps the last value), e.g. `bash llama2_13B_8_exit_mlp_pt.sh --train-iters 100`.
+# optimizer, tuning and logging flags (the values of EE-LLM's examples/ee_tuning/tune/*.sh). Sourced by those
+# scripts after they set MODEL_ARGS, EE_ARGS and NPROC_PER_NODE; extra command-line arguments of the script are
+# appended last, so they override any flag here (argparse keeps the last value),
+# e.g. `bash llama2_13B_8_exit_mlp_pt.sh --train-iters 100`.
 #
 # Steps before this one: examples/ee_tuning/convert/convert_llama_hf.sh (HF -> ours at TP=1 PP=4, iteration 1),
 # then examples/ee_tuning/add_exit_layers.sh (exits with norm + MLP at the layers the script tunes).

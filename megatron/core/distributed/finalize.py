@@ -26,7 +26,7 @@ from megatron.core.parallel_state import ParallelState
 
 from .grad_buffer import GradBuffers
 
-__all__ = ["late_params", "TiedGroups", "finalize_model_grads"]
+__all__ = ["late_params", "TiedGroups", "reduce_tied_grads", "finalize_model_grads"]
 
 
 def late_params(chunk: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -54,6 +54,29 @@ def _tied(chunk: torch.nn.Module) -> Mapping[str, torch.nn.Parameter]:
     return chunk.tied_parameters() if hasattr(chunk, "tied_parameters") else {}
 
 
+def reduce_tied_grads(chunks: Sequence[torch.nn.Module], tied_groups: TiedGroups | None = None,
+                      attr: str = "main_grad") -> None:
+    """Step 2 of the module docstring: sum each tied projection's gradient over this rank's copies, then
+    over the stages holding one (``tied_groups``; None: this rank holds every copy), in place, so every copy
+    ends with the total. ``attr``: the gradient each parameter carries (``main_grad`` with grad buffers,
+    ``grad`` for a model trained without them)."""
+    copies: dict[str, list[torch.nn.Parameter]] = {}
+    for chunk in chunks:
+        for name, p in _tied(chunk).items():
+            if p.requires_grad:
+                copies.setdefault(name, []).append(p)
+    for name in sorted(copies):
+        params = copies[name]
+        total = getattr(params[0], attr).clone()
+        for p in params[1:]:
+            total += getattr(p, attr)
+        group = tied_groups.groups.get(name) if tied_groups is not None else None
+        if group is not None:
+            dist.all_reduce(total, group=group)
+        for p in params:
+            getattr(p, attr).copy_(total)
+
+
 def finalize_model_grads(
     chunks: Sequence[torch.nn.Module],
     buffers: Sequence[GradBuffers],
@@ -66,20 +89,6 @@ def finalize_model_grads(
             for p in chunk.parameters():
                 if p.requires_grad and getattr(p, "sequence_parallel", False):
                     dist.all_reduce(p.main_grad, group=state.tp_group)
-    copies: dict[str, list[torch.nn.Parameter]] = {}
-    for chunk in chunks:
-        for name, p in _tied(chunk).items():
-            if p.requires_grad:
-                copies.setdefault(name, []).append(p)
-    for name in sorted(copies):
-        params = copies[name]
-        total = params[0].main_grad.clone()
-        for p in params[1:]:
-            total += p.main_grad
-        group = tied_groups.groups.get(name) if tied_groups is not None else None
-        if group is not None:
-            dist.all_reduce(total, group=group)
-        for p in params:
-            p.main_grad.copy_(total)
+    reduce_tied_grads(chunks, tied_groups)
     for b in buffers:
         b.finish_grad_sync()

@@ -79,17 +79,25 @@ class StepOutput:
 @dataclass
 class StepLosses:
     """Unweighted loss values this rank computed in one step, summed over microbatches, with counts:
-    ``"lm loss"`` (final exit) and ``"early loss [L]"`` per exit layer. ``mean()`` averages them."""
+    ``"lm loss"`` (final exit) and ``"early loss [L]"`` per exit layer. ``mean()`` averages them.
 
-    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    The sums stay on the losses' device (float64): reading a loss on the host per microbatch would stall
+    the GPU's queue ``m x (exits + 1)`` times a step; ``mean()`` makes the step's one transfer."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def add(self, key: str, value: torch.Tensor) -> None:
-        self.sums[key] += float(value.detach())
+        v = value.detach().to(torch.float64)
+        self.sums[key] = self.sums[key] + v if key in self.sums else v
         self.counts[key] += 1
 
     def mean(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in sorted(self.sums)}
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        totals = torch.stack([self.sums[k].reshape(()) for k in keys]).tolist()
+        return {k: total / self.counts[k] for k, total in zip(keys, totals)}
 
 
 @dataclass

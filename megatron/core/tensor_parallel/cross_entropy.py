@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .mappings import group_rank, group_size
+from .range_checks import check_index_range
 from .utils import vocab_range
 
 __all__ = ["vocab_parallel_cross_entropy"]
@@ -97,9 +98,7 @@ def vocab_parallel_cross_entropy(vocab_parallel_logits: torch.Tensor, target: to
     real_v = padded_v if vocab_size is None else vocab_size
     if not 1 < real_v <= padded_v:
         raise ValueError(f"vocab_size {vocab_size} must lie in (1, {padded_v}] (the padded vocab of the logits)")
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= real_v):
-        raise ValueError(f"targets must lie in [0, {real_v}) but range over [{int(target.min())}, "
-                         f"{int(target.max())}]; the data's tokenizer and the model's vocab size disagree")
+    check_index_range(target, real_v, "targets", "the data's tokenizer and the model's vocab size disagree")
     if group_size(tp_group) == 1 and real_v == padded_v:
         # One shard holding every column: torch's fused log-softmax kernel gives the same loss, faster.
         smoothing = label_smoothing * real_v / (real_v - 1)

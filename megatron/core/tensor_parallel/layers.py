@@ -1,8 +1,9 @@
 """Tensor-parallel layers: ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding.
 
-Initialisation is layout-independent: a layer fills the FULL weight (fp32, CPU) with ``init_method`` and
-keeps its own shard, so one init_method gives the same full model for every tp. ``init_method=None``
-means zeros (weights that a checkpoint load overwrites right after).
+Initialisation is layout-independent: a layer fills the FULL weight (fp32, on the layer's device) with
+``init_method`` and keeps its own shard, so one init_method gives the same full model for every tp.
+``init_method=None`` means zeros; ``uninitialized`` allocates only the shard, uninitialised (a strict
+checkpoint load overwrites it right after: nothing is drawn, no full weight exists).
 
 Every sharded parameter carries Megatron's attributes ``tensor_model_parallel``, ``partition_dim`` and
 ``partition_stride``; a parameter whose gradient is only partial on each tp rank under sequence
@@ -29,9 +30,11 @@ from .mappings import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
+from .range_checks import check_index_range
 from .utils import divide, shard_tensor, unshard_tensors, vocab_range
 
 __all__ = [
+    "uninitialized",
     "ColumnParallelLinear",
     "RowParallelLinear",
     "VocabParallelEmbedding",
@@ -40,6 +43,11 @@ __all__ = [
 ]
 
 InitMethod = Optional[Callable[[torch.Tensor], object]]
+
+
+def uninitialized(w: torch.Tensor) -> torch.Tensor:
+    """The init method that leaves a weight as allocated (a marker, compared by identity; see above)."""
+    return w
 
 
 def _sharded_param(
@@ -51,10 +59,12 @@ def _sharded_param(
     ) * stride
     if init_method is None:
         data = torch.zeros(local_shape, dtype=dtype, device=state.device)
+    elif init_method is uninitialized:
+        data = torch.empty(local_shape, dtype=dtype, device=state.device)
     else:
-        full = torch.empty(full_shape, dtype=torch.float32)
+        full = torch.empty(full_shape, dtype=torch.float32, device=state.device)
         init_method(full)
-        data = shard_tensor(full, dim, state.tp, state.tp_rank, stride).to(device=state.device, dtype=dtype)
+        data = shard_tensor(full, dim, state.tp, state.tp_rank, stride).to(dtype=dtype)
     param = nn.Parameter(data)
     param.tensor_model_parallel = True
     param.partition_dim = dim
@@ -178,11 +188,8 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = _sharded_param((num_embeddings, embedding_dim), 0, state, init_method, 1, params_dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
-            raise ValueError(
-                f"token ids must lie in [0, {self.num_embeddings}) but range over "
-                f"[{int(ids.min())}, {int(ids.max())}]; the tokenizer and the model's (padded) vocab size disagree"
-            )
+        check_index_range(ids, self.num_embeddings, "token ids",
+                          "the tokenizer and the model's (padded) vocab size disagree")
         if self.group is None or dist.get_world_size(self.group) == 1:
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)

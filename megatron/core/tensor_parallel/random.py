@@ -2,7 +2,11 @@
 
 * :class:`RNGStatesTracker` keeps named generator states and swaps them in with ``fork(name)``: the CPU
   generator always, the current CUDA device's generator too when CUDA is in use. Device-agnostic, so the
-  same model code drops out the same way on a laptop and on a cluster.
+  same model code drops out the same way on a laptop and on a cluster. A stream's CUDA state is seeded
+  from the stream's own seed the first time CUDA is in use when it is forked (or its states are read), on
+  the device current then -- not only when CUDA happened to be initialised as the tracker was built: a
+  fork without a CUDA state of its own would draw from the default CUDA generator and then rewind it, so
+  the next default draws would repeat the stream's (correlated dropout masks).
 * :func:`model_parallel_seed` seeds the default generators identically on every tp rank (dropout on
   replicated activations must agree across tp) and registers the ``"model-parallel-rng"`` stream seeded
   per tp rank (dropout inside tp-partitioned activations must differ between shards).
@@ -38,6 +42,16 @@ def _get_default_states() -> dict[str, torch.Tensor]:
     return states
 
 
+def _seeded_cuda_state(seed: int) -> torch.Tensor:
+    """The current device's generator state after seeding it with ``seed``; the generator itself is put back
+    (other streams must not move)."""
+    saved = torch.cuda.get_rng_state()
+    torch.cuda.manual_seed(seed)
+    state = torch.cuda.get_rng_state()
+    torch.cuda.set_rng_state(saved)
+    return state
+
+
 def _set_default_states(states: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(states["cpu"])
     if "cuda" in states and _cuda_in_use():
@@ -63,18 +77,23 @@ class RNGStatesTracker:
             raise ValueError(f"RNG stream {name!r} already exists")
         if seed in self._seeds:
             raise ValueError(f"seed {seed} already used by another RNG stream; streams must differ")
-        states = {"cpu": torch.Generator().manual_seed(seed).get_state()}
-        if _cuda_in_use():
-            # Seed only the current device, then put its state back: other streams must not move.
-            saved = torch.cuda.get_rng_state()
-            torch.cuda.manual_seed(seed)
-            states["cuda"] = torch.cuda.get_rng_state()
-            torch.cuda.set_rng_state(saved)
-        self._states[name] = states
+        self._states[name] = {"cpu": torch.Generator().manual_seed(seed).get_state()}
         self._seeds.add(seed)
+        self._add_cuda_states()
+
+    def _add_cuda_states(self) -> None:
+        """Give every stream its CUDA state once CUDA is in use (idempotent)."""
+        if not _cuda_in_use():
+            return
+        for states in self._states.values():
+            if "cuda" not in states:
+                # The CPU state carries the stream's seed (also after set_states from a checkpoint).
+                seed = torch.Generator().set_state(states["cpu"]).initial_seed()
+                states["cuda"] = _seeded_cuda_state(seed)
 
     def get_states(self) -> dict[str, dict[str, torch.Tensor]]:
         """Copies of every stream's states (for checkpoints and recompute)."""
+        self._add_cuda_states()
         return {name: {k: v.clone() for k, v in st.items()} for name, st in self._states.items()}
 
     def set_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -84,6 +103,7 @@ class RNGStatesTracker:
     def fork(self, name: str = MODEL_PARALLEL_RNG):
         if name not in self._states:
             raise KeyError(f"RNG stream {name!r} was never added; call model_parallel_seed(seed, state) first")
+        self._add_cuda_states()
         saved = _get_default_states()
         _set_default_states(self._states[name])
         try:

@@ -1,7 +1,7 @@
 """Transformer building blocks: norms, rotary embedding, attention with KV cache, MLP, layer, init."""
 
 from .attention import SelfAttention, core_attention
-from .initialization import InitScope, SeededInit, derive_seed
+from .initialization import InitScope, SeededInit, SkipInit, derive_seed
 from .kv_cache import InferenceParams
 from .layer import TransformerLayer
 from .mlp import MLP, ExitMLP
@@ -13,6 +13,7 @@ __all__ = [
     "core_attention",
     "InitScope",
     "SeededInit",
+    "SkipInit",
     "derive_seed",
     "InferenceParams",
     "TransformerLayer",

@@ -5,6 +5,14 @@ not Python's salted ``hash``), and the tensor-parallel layers fill the FULL weig
 their shard. So a weight's values depend on neither tp, pp, vpp nor the construction order, and copies
 of a tied weight on several stages come out identical without any communication.
 
+The weight is drawn on the device it lives on, with that device's generator: a GPU rank draws its
+stage's weights at GPU speed instead of every rank drawing them on the CPU (hours for a 70B model).
+Values therefore depend on the device type (the CPU's Mersenne twister and CUDA's Philox differ, and
+CUDA's draws on the GPU model), never on the parallel layout; ``--use-cpu-initialization`` draws on the
+CPU everywhere (a GPU run then starts from the weights of a CPU run). When a checkpoint is loaded right after,
+:class:`SkipInit` draws nothing: the layers allocate their shards uninitialised and the strict load
+overwrites every one.
+
 Megatron's scheme: ``N(0, std)`` for embeddings, QKV, ``dense_h_to_4h`` and output projections;
 ``N(0, std / sqrt(2 * num_layers))`` (its ``scaled_init_method``) for ``dense`` and ``dense_4h_to_h``.
 Norm weights are ones and biases zeros (done by the layers themselves).
@@ -19,7 +27,9 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["SeededInit", "InitScope", "derive_seed"]
+from megatron.core.tensor_parallel.layers import uninitialized
+
+__all__ = ["SeededInit", "SkipInit", "InitScope", "derive_seed"]
 
 InitMethod = Optional[Callable[[torch.Tensor], object]]
 
@@ -37,19 +47,38 @@ class SeededInit:
     seed: int
     std: float
     num_layers: int
+    on_cpu: bool = False  # --use-cpu-initialization: draw on the CPU whatever the weight's device
 
     def normal(self, layer: int, name: str, std: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         std = self.std if std is None else std
 
         def fill(w: torch.Tensor) -> torch.Tensor:
-            g = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, layer, name))
+            device = torch.device("cpu") if self.on_cpu else w.device
+            g = torch.Generator(device=device).manual_seed(derive_seed(self.seed, layer, name))
             with torch.no_grad():
-                return w.normal_(0.0, std, generator=g)
+                if device == w.device:
+                    return w.normal_(0.0, std, generator=g)
+                return w.copy_(torch.empty(w.shape, dtype=w.dtype).normal_(0.0, std, generator=g))
 
         return fill
 
+    def scaled(self, layer: int, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Megatron's ``scaled_init_method``: ``std / sqrt(2 * num_layers)``."""
+        return self.normal(layer, name, self.std / math.sqrt(2.0 * self.num_layers))
+
     def scope(self, layer: int, prefix: str = "") -> "InitScope":
         return InitScope(self, layer, prefix)
+
+
+@dataclass(frozen=True)
+class SkipInit:
+    """No draws at all: every weight is allocated uninitialised (a strict checkpoint load follows)."""
+
+    def normal(self, layer: int, name: str, std: float | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        return uninitialized
+
+    def scaled(self, layer: int, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return uninitialized
 
 
 @dataclass(frozen=True)
@@ -57,7 +86,7 @@ class InitScope:
     """Names parameters relative to a module (``prefix``) inside global layer ``layer``. A scope over
     ``None`` (no recipe) hands out ``None`` init methods: zero weights to be loaded afterwards."""
 
-    recipe: SeededInit | None
+    recipe: SeededInit | SkipInit | None
     layer: int
     prefix: str = ""
 
@@ -68,7 +97,4 @@ class InitScope:
         return None if self.recipe is None else self.recipe.normal(self.layer, self.prefix + name)
 
     def scaled(self, name: str) -> InitMethod:
-        if self.recipe is None:
-            return None
-        std = self.recipe.std / math.sqrt(2.0 * self.recipe.num_layers)
-        return self.recipe.normal(self.layer, self.prefix + name, std)
+        return None if self.recipe is None else self.recipe.scaled(self.layer, self.prefix + name)

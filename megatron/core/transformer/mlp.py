@@ -2,7 +2,9 @@
 
 SwiGLU keeps ``dense_h_to_4h`` as the stacked ``[W_gate; W_up]`` of Megatron (column-parallel with
 stride 2, so every shard holds its slice of both halves). GeLU is the tanh approximation: Megatron's
-default fused bias-GeLU kernel computes it, and GPT-2 was trained with it.
+default fused bias-GeLU kernel computes it, and GPT-2 was trained with it. PyTorch has no fused SwiGLU
+kernel in eager mode: ``silu(gate) * up`` is two elementwise kernels beside two matmuls (``torch.compile``
+fuses them; Transformer Engine's fused MLP is not wired in).
 """
 
 from __future__ import annotations

@@ -8,13 +8,28 @@ and are summed over tp by ``allreduce_sequence_parallel_grads``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "build_norm"]
+__all__ = ["RMSNorm", "rms_norm", "build_norm"]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool | None = None) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps) * weight``, accumulated in fp32. ``fused`` (default: on accelerators,
+    when ``x`` and ``weight`` share a dtype) takes ``torch.nn.functional.rms_norm``: one kernel on CUDA
+    instead of five passes over the activations. On the CPU the formula is kept: torch's CPU
+    ``rms_norm`` measured slower than it for training shapes (it gains only on one decoded token)."""
+    if fused is None:
+        fused = x.device.type != "cpu" and x.dtype == weight.dtype
+    if fused:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * weight``, computed in fp32 (as Hugging Face Llama does)."""
+    """:func:`rms_norm` with a learned weight (fp32 statistics, as Hugging Face Llama)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5, device=None, dtype=torch.float32):
         super().__init__()
@@ -22,9 +37,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

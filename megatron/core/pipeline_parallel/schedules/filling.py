@@ -61,7 +61,8 @@ _EPS = 1e-9
 
 def fill_counts(pp: int, backward_forward_ratio: float = 2.0, fw: int | None = None,
                 fc: int | None = None) -> tuple[int, int]:
-    """EE-LLM's rule for the fill counts (reference section 1.3, rule 3), with negative counts rejected.
+    """EE-LLM's rule for the fill counts (the ``--fill-explicit-bubbles`` block of ``validate_args`` in its
+    ``megatron/arguments.py``), with negative counts rejected.
 
     ``opt = int((pp - 1) * R / (1 + R))``; None becomes ``opt``; a value above ``opt`` is clamped to it
     with a warning; smaller values are kept."""

@@ -9,13 +9,16 @@ Learning rate: a linear warm-up from ``init_lr`` to ``max_lr`` over ``warmup_ste
 ``inverse-square-root`` (``max_lr * sqrt(max(warmup, 1) / max(step, 1))``, floored at ``min_lr``).
 Weight decay: constant, or growing ``linear``ly / ``cosine``-shaped from ``start_wd`` to ``end_wd`` over
 ``wd_incr_steps``. Each optimizer group receives ``lr * lr_mult`` and ``wd * wd_mult``.
+
+Checkpoints hold :meth:`OptimizerParamScheduler.state_dict`, plain numbers and strings: no pickle names
+this module, so checkpoints written while it was ``megatron/optimizer_param_scheduler.py`` load unchanged.
 """
 
 from __future__ import annotations
 
 import math
 
-from megatron.config import ConfigError
+from megatron.errors import ConfigError
 
 __all__ = ["OptimizerParamScheduler", "scheduler_steps", "build_scheduler"]
 
