@@ -13,6 +13,8 @@ from megatron.core.parallel_state import ParallelState
 from megatron.model import EarlyExitGPTModel
 from megatron.model.exit_objective import exit_terms, teacher_targets
 from megatron.model.state_dict_sharding import full_state_dict_specs, merge_state_dicts, shard_state_dict
+from megatron.training.forward_backward import ScheduleOptions, build_schedule, forward_backward
+from megatron.training.setup import _freeze_backbone
 from test_model_single import GPT, LLAMA, build_split, cfg, data
 
 EXITS = dict(exit_layer_nums=[1, 3], use_exit_norm=True)
@@ -174,3 +176,41 @@ def test_new_tensors_shard_and_merge_bit_exactly():
         assert holders == part.exit_stages
         merged = merge_state_dicts(per_rank, c, tp, part, ee)
         assert merged.keys() == full.keys() and all(torch.equal(merged[k], full[k]) for k in full)
+
+
+def test_tuning_stream_runs_nothing_after_the_last_exit():
+    """--tune-exit with the CE objective through the training step: the deepest exit stage stops after its
+    last exit (no later layer, no final norm, no head), and the exit losses are those of the full model."""
+    c = cfg(**GPT)
+    m = _model(c)
+    _freeze_backbone([m])
+    ids, labels = data()
+    batch = {"tokens": ids, "labels": labels, "loss_mask": torch.ones_like(labels, dtype=torch.float)}
+    want = m(ids, labels=labels)
+    ran = []
+    m.language_model.encoder.layers[3].register_forward_hook(lambda *a: ran.append("layer 4"))
+    m.language_model.encoder.final_norm.register_forward_hook(lambda *a: ran.append("final norm"))
+    schedule = build_schedule(1, 1, 2, m.partition.exit_positions, ScheduleOptions(tune_exit=True))
+    losses = forward_backward(schedule, [m], lambda mb: batch, ParallelState.single(), tensor_shape=(8, 2, 32),
+                              exit_weights={1: 1.0, 3: 1.0}).mean()
+    assert ran == [] and set(losses) == {"early loss [1]", "early loss [3]"}
+    for layer in (1, 3):
+        assert abs(losses[f"early loss [{layer}]"] - float(want.exit_losses[layer].mean().detach())) < 1e-6
+
+
+def test_model_only_load_keeps_fresh_exit_parts_and_nothing_else():
+    from megatron.checkpoint.layout import CheckpointError
+    from megatron.checkpoint.load import _load_model
+
+    c = cfg(**GPT)
+    plain = _model(c).state_dict()
+    ours = _model(c, use_exit_linear=True, exit_estimator=True, exit_vocab_size=4)
+    estimator = ours.language_model.encoder.layers[0].exit_estimator.hidden.weight.clone()
+    _load_model({"model": plain}, "ckpt.pt", [ours], strict=True, fresh_parts=True)
+    assert torch.equal(ours.language_model.encoder.layers[0].exit_estimator.hidden.weight, estimator)
+    assert ours.exit_vocab.tolist() == [-1] * 4
+    with pytest.raises(CheckpointError, match="exit_linear"):  # a resumed run (optimizer state) stays strict
+        _load_model({"model": plain}, "ckpt.pt", [ours], strict=True, fresh_parts=False)
+    broken = {k: v for k, v in plain.items() if "exit_norm" not in k}
+    with pytest.raises(CheckpointError, match=r"missing keys \['language_model.encoder.layers.0.exit_norm.bias'"):
+        _load_model({"model": broken}, "ckpt.pt", [ours], strict=True, fresh_parts=True)
