@@ -277,9 +277,7 @@ class EarlyExitConfig:
                  f"--exit-distillation-temperature must be positive, got {self.exit_distillation_temperature}")
 
     def validate_vocab(self, vocab_size: int) -> None:
-        """Checks against the (unpadded) vocabulary."""
-        require(not self.needs_teacher or self.exit_distillation_top_k <= vocab_size,
-                 f"--exit-distillation-top-k ({self.exit_distillation_top_k}) exceeds the vocabulary ({vocab_size})")
+        """Checks of the model's parts against the (unpadded) vocabulary."""
         require(self.exit_vocab_size <= vocab_size,
                  f"--exit-vocab-size ({self.exit_vocab_size}) exceeds the vocabulary ({vocab_size})")
 

@@ -345,6 +345,8 @@ class RunConfig:
                              "fixed: it needs --tune-exit (a frozen backbone)")
         require(p.stages == p.pp, f"{what} needs the final head on the last stage: --tune-exit-pipeline-parallel-size "
                                   f"({p.stages}) must equal --pipeline-model-parallel-size ({p.pp})")
+        require(ee.exit_distillation_top_k <= self.model.vocab_size,
+                f"--exit-distillation-top-k ({ee.exit_distillation_top_k}) exceeds the vocabulary ({self.model.vocab_size})")
 
     def _validate_tuning(self, layout: Partition) -> None:
         p, t = self.parallel, self.training
