@@ -134,9 +134,11 @@ def gpt_forward_step(chunks: Sequence[torch.nn.Module], batch: Callable[[int], B
         )
         mask, labels = data["loss_mask"], data["labels"]
         if teacher:
+            states = out.exit_states  # only these wait for the targets (not the hidden state sent on)
+
             def deferred(message):
                 targets = TeacherTargets.from_message(message)
-                return _exit_step(model, model.exit_objective(out.exit_states, labels, targets), mask)
+                return _exit_step(model, model.exit_objective(states, labels, targets), mask)
 
             if model.spec.has_head:
                 return _exit_step(model, model.exit_objective(out.exit_states, labels, out.output), mask,
