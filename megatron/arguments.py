@@ -322,6 +322,21 @@ def _add_early_exit_args(parser):
     _flag(g, "--tune-exit-pipeline-parallel-size", type=int, default=None,
           help="EE-Tuning: build, load and run only the first N stages (default 1, as EE-LLM); every exit must "
                "lie in them.")
+    g = parser.add_argument_group(title="early exit (ours)")
+    _flag(g, "--use-exit-linear", action="store_true",
+          help="A zero-initialised h + W h + b in each exit, after the exit block and before the exit norm.")
+    _flag(g, "--exit-estimator", action="store_true",
+          help="Per exit, a small MLP on the trunk state predicting agreement with the final head (trained "
+               "under --tune-exit).")
+    _flag(g, "--exit-estimator-hidden", type=int, default=64, help="The estimator's hidden width.")
+    _flag(g, "--exit-estimator-loss-weight", type=float, default=1.0, help="Weight of the estimator's loss.")
+    _flag(g, "--exit-vocab-size", type=int, default=0,
+          help="K > 0: an exit_vocab buffer of K token ids for reduced-vocabulary exits (filled by "
+               "tools/checkpoint/checkpoint_converter.py --conversion-type exit-vocab).")
+    _flag(g, "--exit-distillation-weight", type=float, default=0.0,
+          help="w in [0, 1]: exit loss = (1 - w) CE(labels) + w CE against the final head's top-k (--tune-exit).")
+    _flag(g, "--exit-distillation-top-k", type=int, default=64, help="Final-head tokens kept for distillation.")
+    _flag(g, "--exit-distillation-temperature", type=float, default=1.0, help="Distillation temperature.")
 
 
 def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:

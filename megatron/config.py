@@ -198,6 +198,20 @@ class EarlyExitConfig:
     untie_exit_output_weights: bool = False  # each exit has its own output projection
     pre_exit: bool = False  # an exit reads the input of its layer instead of its output
     use_dynamic_exit_layer_weight: bool = False  # weight each exit token's loss by its confidence
+    # Ours (issue 13): exit parts, the self-distillation objective and inference helpers (README "Flags we add").
+    use_exit_linear: bool = False  # h + W h + b before the exit norm (zero-initialised)
+    exit_estimator: bool = False  # per exit, a small MLP predicting agreement with the final head
+    exit_estimator_hidden: int = 64  # the estimator's hidden width
+    exit_estimator_loss_weight: float = 1.0  # weight of the estimator's BCE in the tuning loss
+    exit_vocab_size: int = 0  # K > 0: an exit_vocab buffer of K token ids (filled by the converter)
+    exit_distillation_weight: float = 0.0  # w: exit loss = (1 - w) CE(labels) + w D(final head's top-k)
+    exit_distillation_top_k: int = 64  # tokens of the final head's distribution kept (renormalised)
+    exit_distillation_temperature: float = 1.0  # temperature of teacher and student in D
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether training needs the final head's distribution (distillation or the estimator's target)."""
+        return self.exit_distillation_weight > 0 or self.exit_estimator
 
     @property
     def weights(self) -> list[float]:
@@ -243,7 +257,29 @@ class EarlyExitConfig:
                 "--use-exit-mlp cannot be combined with --pre-exit: the branch MLP sits beside the layer's MLP; "
                 "use a post exit on the previous layer instead",
             )
+        self._validate_ours(bool(exits))
         return self
+
+    def _validate_ours(self, has_exits: bool) -> None:
+        for flag, on in (("--use-exit-linear", self.use_exit_linear), ("--exit-estimator", self.exit_estimator),
+                         ("--exit-vocab-size", self.exit_vocab_size > 0)):
+            require(not on or has_exits, f"{flag} needs at least one exit (--exit-layer-nums)")
+        require(self.exit_estimator_hidden >= 1,
+                 f"--exit-estimator-hidden must be a positive integer, got {self.exit_estimator_hidden}")
+        require(self.exit_estimator_loss_weight >= 0,
+                 f"--exit-estimator-loss-weight must be >= 0, got {self.exit_estimator_loss_weight}")
+        require(self.exit_vocab_size >= 0, f"--exit-vocab-size must be >= 0 (0: none), got {self.exit_vocab_size}")
+        require(0.0 <= self.exit_distillation_weight <= 1.0,
+                 f"--exit-distillation-weight must lie in [0, 1], got {self.exit_distillation_weight}")
+        require(self.exit_distillation_top_k >= 1,
+                 f"--exit-distillation-top-k must be a positive integer, got {self.exit_distillation_top_k}")
+        require(self.exit_distillation_temperature > 0,
+                 f"--exit-distillation-temperature must be positive, got {self.exit_distillation_temperature}")
+
+    def validate_vocab(self, vocab_size: int) -> None:
+        """Checks of the model's parts against the (unpadded) vocabulary."""
+        require(self.exit_vocab_size <= vocab_size,
+                 f"--exit-vocab-size ({self.exit_vocab_size}) exceeds the vocabulary ({vocab_size})")
 
     def _validate_lists(self, n: int) -> None:
         for flag, values in (

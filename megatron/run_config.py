@@ -307,6 +307,7 @@ class RunConfig:
         p, t = self.parallel.validate(), self.training
         self.model.validate(p.tp)
         self.early_exit.validate(self.model.num_layers)
+        self.early_exit.validate_vocab(self.model.vocab_size)
         layout = self.partition()
         t.validate(p.dp, p.pp, training)
         self.data.validate(training)
@@ -330,7 +331,22 @@ class RunConfig:
             require(not t.tune_exit, "--fill-explicit-bubbles cannot be combined with --tune-exit (EE-Tuning has "
                                      "its own schedule)")
         self._validate_tuning(layout)
+        if training:
+            self._validate_teacher()
         return self
+
+    def _validate_teacher(self) -> None:
+        """The objectives against the final head (``EarlyExitConfig.needs_teacher``) need it frozen and run."""
+        ee, p, t = self.early_exit, self.parallel, self.training
+        if not ee.needs_teacher:
+            return
+        what = "--exit-distillation-weight > 0" if ee.exit_distillation_weight > 0 else "--exit-estimator"
+        require(t.tune_exit, f"{what} trains the exits against the model's own final head, which must stay "
+                             "fixed: it needs --tune-exit (a frozen backbone)")
+        require(p.stages == p.pp, f"{what} needs the final head on the last stage: --tune-exit-pipeline-parallel-size "
+                                  f"({p.stages}) must equal --pipeline-model-parallel-size ({p.pp})")
+        require(ee.exit_distillation_top_k <= self.model.vocab_size,
+                f"--exit-distillation-top-k ({ee.exit_distillation_top_k}) exceeds the vocabulary ({self.model.vocab_size})")
 
     def _validate_tuning(self, layout: Partition) -> None:
         p, t = self.parallel, self.training

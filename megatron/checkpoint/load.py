@@ -8,6 +8,7 @@ the command that reshards the checkpoint. Every failure names the file or flag a
 from __future__ import annotations
 
 import logging
+import re
 import os
 
 import torch
@@ -37,7 +38,7 @@ from megatron.checkpoint.save import (
 )
 from megatron.core.parallel_state import ParallelState
 
-__all__ = ["load_checkpoint", "load_args_from_checkpoint", "resolve_iteration", "RESTORED_ARGS"]
+__all__ = ["load_checkpoint", "load_args_from_checkpoint", "resolve_iteration", "RESTORED_ARGS", "RESTORED_PARTS"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,13 @@ RESTORED_ARGS: tuple[tuple[str, bool], ...] = (
     ("make_vocab_size_divisible_by", True), ("exit_layer_nums", True), ("exit_layer_weight", True),
     ("use_exit_mlp", True), ("use_exit_block", True), ("use_exit_norm", True),
     ("untie_exit_output_weights", True), ("pre_exit", True), ("exit_layer_temperature", True),
+)
+
+# Our exit parts (name, the field saying the checkpoint has the part): taken from the checkpoint when it has
+# the part, else left as the user gave them (EE-Tuning may add a part the checkpoint lacks: see _FRESH_PARTS).
+RESTORED_PARTS: tuple[tuple[str, str], ...] = (
+    ("use_exit_linear", "use_exit_linear"), ("exit_estimator", "exit_estimator"),
+    ("exit_estimator_hidden", "exit_estimator"), ("exit_vocab_size", "exit_vocab_size"),
 )
 
 _RESHARD_TOOL = "tools/checkpoint/util.py"
@@ -154,14 +162,31 @@ def _read_rank_file(load_dir: str, iteration: int, release: bool, state: Paralle
     return ckpt, path
 
 
-def _load_model(ckpt: dict, path: str, chunks: list, strict: bool) -> None:
+# Exit parts of ours that a checkpoint may lack and that start well-defined without it: exit_linear is
+# zero-initialised (the exit as it was), the estimator is always drawn from the model's seed, exit_vocab
+# starts unfilled (-1). A model-only load (--finetune, --no-load-optim) keeps them, so EE-Tuning can add them.
+_FRESH_PARTS = re.compile(r"(^|\.)(exit_linear|exit_estimator)\.|^exit_vocab$")
+
+
+def _load_model(ckpt: dict, path: str, chunks: list, strict: bool, fresh_parts: bool = False) -> None:
     dicts = model_dicts(ckpt, path, len(chunks), "use the same --num-layers-per-virtual-pipeline-stage as the "
                                                  "saving run")
     for key, chunk, sd in zip(model_keys(len(chunks)), chunks, dicts):
+        expected = set(chunk.state_dict())
+        fresh = sorted(k for k in expected - set(sd) if _FRESH_PARTS.search(k)) if fresh_parts else []
         try:
-            chunk.load_state_dict(fit_to_model(sd, set(chunk.state_dict())), strict=strict)
+            result = chunk.load_state_dict(fit_to_model(sd, expected), strict=strict and not fresh)
         except RuntimeError as e:
             raise CheckpointError(f"{path} [{key}] does not fit this model: {e}") from None
+        if fresh:
+            unexpected = sorted(result.unexpected_keys)
+            missing = sorted(set(result.missing_keys) - set(fresh))
+            if strict and (unexpected or missing):
+                raise CheckpointError(f"{path} [{key}] does not fit this model: missing keys {missing[:6]}, "
+                                      f"unexpected keys {unexpected[:6]}")
+            log.info("%s [%s] has no %s: they keep their initialisation (exit_linear = identity map)", path, key,
+                     ", ".join(sorted({re.sub(r"^.*?(exit_linear|exit_estimator|exit_vocab).*$", r"\1", k)
+                                       for k in fresh})))
 
 
 def _load_distributed_optimizer(optimizer, path: str, state: ParallelState) -> None:
@@ -260,8 +285,8 @@ def load_checkpoint(load_dir: str, model_chunks, optimizer, scheduler, state: Pa
     iteration, release = found
     _agree_on_iteration(iteration, release)
     ckpt, path = _read_rank_file(load_dir, iteration, release, state, full_pp)
-    _load_model(ckpt, path, list(model_chunks), strict)
     model_only = release or finetune
+    _load_model(ckpt, path, list(model_chunks), strict, fresh_parts=model_only or no_load_optim)
     if not finetune:
         _restore_progress(ckpt, path, read_manifest(iteration_dir(load_dir, iteration, release)), args)
     if not model_only and not no_load_optim:
@@ -303,4 +328,7 @@ def load_args_from_checkpoint(args, load_dir: str, load_iteration: int = 0):
         if force or getattr(args, name, None) is None:
             value = getattr(saved, name)
             setattr(args, name, list(value) if isinstance(value, (list, tuple)) else value)
+    for name, present in RESTORED_PARTS:
+        if getattr(saved, present, False):
+            setattr(args, name, getattr(saved, name))
     return args

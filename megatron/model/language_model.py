@@ -8,11 +8,17 @@ Activation recompute (``--recompute-granularity full``) wraps groups of layers, 
 heads included (EE-LLM silently skipped it there): ``uniform`` checkpoints consecutive groups of
 ``--recompute-num-layers`` layers, ``block`` checkpoints each of the first ``--recompute-num-layers``
 layers of the chunk. The recompute replays the RNG streams, so dropout masks match the first forward.
+
+EE-Tuning (:meth:`TransformerEncoder.run` with ``frozen``): the backbone layers run under ``torch.no_grad``
+(no autograd graph for them at all, so nothing to recompute: recompute is off) and only the exit parts
+build one; ``stop_after_exits`` ends the loop after the chunk's last exit layer (no later layer, no final
+norm), which is all a tuning stream whose forward ends here needs.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -30,7 +36,18 @@ from megatron.core.transformer import InitScope, TransformerLayer, build_norm
 
 from .exit_heads import EarlyExitTransformerLayer
 
-__all__ = ["Embedding", "TransformerEncoder", "LanguageModel", "output_projection"]
+__all__ = ["Embedding", "TransformerEncoder", "EncoderOutput", "LanguageModel", "output_projection"]
+
+
+@dataclass
+class EncoderOutput:
+    """``hidden``: the chunk's output ``[s(/tp), b, h]`` (None when the loop stopped after the last exit).
+    ``exit_hidden``: each exit's pre-projection hidden state. ``exit_trunk``: each exit layer's trunk state
+    (the estimator's input, detached: see :meth:`EarlyExitTransformerLayer.trunk_state`)."""
+
+    hidden: torch.Tensor | None
+    exit_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    exit_trunk: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def output_projection(config, state, vocab: int, recipe, layer: int, name: str) -> ColumnParallelLinear:
@@ -97,10 +114,11 @@ class TransformerEncoder(nn.Module):
         self.recompute_num_layers = config.recompute_num_layers
         self.rng_tracker = rng_tracker
 
-    def layer_groups(self) -> list[tuple[range, bool]]:
-        """Consecutive local layer ranges and whether each is recomputed in backward."""
-        n = len(self.layers)
-        if not (self.recompute and self.training and torch.is_grad_enabled()):
+    def layer_groups(self, n: int | None = None, frozen: bool = False) -> list[tuple[range, bool]]:
+        """Consecutive ranges of the first ``n`` (default: all) local layers and whether each is recomputed
+        in backward."""
+        n = len(self.layers) if n is None else n
+        if frozen or not (self.recompute and self.training and torch.is_grad_enabled()):
             return [(range(n), False)] if n else []
         k = self.recompute_num_layers
         if self.recompute_method == "uniform":
@@ -108,22 +126,34 @@ class TransformerEncoder(nn.Module):
         groups = [(range(i, i + 1), True) for i in range(min(k, n))]
         return groups + ([(range(k, n), False)] if k < n else [])
 
-    def _run(self, idxs: range, attention_mask, rope, h: torch.Tensor):
-        exit_hs = []
+    def _run(self, idxs: range, attention_mask, rope, frozen: bool, h: torch.Tensor):
+        """-> ``(output, exit hidden..., trunk state...)`` of the exit layers among ``idxs``, in order."""
+        exit_hs, trunks = [], []
         for i in idxs:
             layer = self.layers[i]
             if isinstance(layer, EarlyExitTransformerLayer):
-                h, h_exit = layer(h, attention_mask, rope)
+                x = h
+                h, h_exit = layer(h, attention_mask, rope, frozen=frozen)
                 exit_hs.append(h_exit)
+                trunks.append(layer.trunk_state(x, h))
             else:
-                h = layer(h, attention_mask, rope)
-        return (h, *exit_hs)
+                with torch.no_grad() if frozen else contextlib.nullcontext():
+                    h = layer(h, attention_mask, rope)
+        return (h, *exit_hs, *trunks)
 
-    def forward(self, h, attention_mask=None, rope=None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Training / full-sequence forward: -> (output, {exit layer: exit hidden})."""
-        exits: dict[int, torch.Tensor] = {}
-        for idxs, recompute in self.layer_groups():
-            run = partial(self._run, idxs, attention_mask, rope)
+    def run(self, h, attention_mask=None, rope=None, *, frozen: bool = False,
+            stop_after_exits: bool = False) -> EncoderOutput:
+        """Training / full-sequence forward (see the module docstring for ``frozen`` and
+        ``stop_after_exits``)."""
+        out = EncoderOutput(None)
+        n = len(self.layers)
+        if stop_after_exits:
+            exit_idx = [i for i, layer in enumerate(self.layers) if isinstance(layer, EarlyExitTransformerLayer)]
+            if not exit_idx:
+                raise ValueError("stop_after_exits needs a chunk holding an exit")
+            n = exit_idx[-1] + 1
+        for idxs, recompute in self.layer_groups(n, frozen):
+            run = partial(self._run, idxs, attention_mask, rope, frozen)
             if recompute:
                 params = [p for i in idxs for p in self.layers[i].parameters()]
                 outs = checkpoint(run, h, tracker=self.rng_tracker, params=params)
@@ -133,10 +163,20 @@ class TransformerEncoder(nn.Module):
             h = outs[0]
             numbers = [self.layers[i].layer_number for i in idxs
                        if isinstance(self.layers[i], EarlyExitTransformerLayer)]
-            exits.update(zip(numbers, outs[1:]))
+            out.exit_hidden.update(zip(numbers, outs[1:1 + len(numbers)]))
+            out.exit_trunk.update((k, t.detach()) for k, t in zip(numbers, outs[1 + len(numbers):]))
+        if stop_after_exits:
+            return out
         if self.final_norm is not None:
-            h = self.final_norm(h)
-        return h, exits
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                h = self.final_norm(h)
+        out.hidden = h
+        return out
+
+    def forward(self, h, attention_mask=None, rope=None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Training / full-sequence forward: -> (output, {exit layer: exit hidden})."""
+        out = self.run(h, attention_mask, rope)
+        return out.hidden, out.exit_hidden
 
 
 class LanguageModel(nn.Module):

@@ -3,14 +3,16 @@
 FULL state dict: every tensor unsharded, EE-LLM key names (its ``EarlyExitGPTModel.state_dict_for_save_checkpoint``,
 flattened with dots) with GLOBAL indices: layer ``L``
 (1-based) lives under ``language_model.encoder.layers.<L-1>.``, an untied exit projection under
-``language_model.exit_output_layer.<L>.weight`` (keyed by its layer number, not by a local position), and
-no tied copies (``word_embeddings_for_head`` is implied by the word embedding).
+``language_model.exit_output_layer.<L>.weight`` (keyed by its layer number, not by a local position), the
+``exit_vocab`` buffer once (``--exit-vocab-size``), and no tied copies (``word_embeddings_for_head`` is
+implied by the word embedding).
 
 Per-rank dict: what ``model.state_dict()`` of one (stage, chunk) holds on one tp rank, i.e. Megatron's
 ``model`` (or ``model<chunk>``) entry: LOCAL layer indices, local exit indices ``k`` in ascending layer order,
 TP shards cut exactly as Megatron (column-parallel dim 0, row-parallel dim 1, vocab on dim 0, SwiGLU's
 stacked ``[W_gate; W_up]`` with stride 2, replicated norms / row-parallel biases / position embeddings) and
-tied copies of the output projection on the non-first chunks that project logits.
+tied copies of the output projection on the non-first chunks that project logits, and ``exit_vocab`` on
+every chunk owning an exit (identical copies).
 
 Everything is pure slicing and concatenation, so shard -> merge is bit-exact. The checkpoint tools
 (resharding, HF conversion, add-exit) and the model loader all go through this table.
@@ -35,6 +37,7 @@ __all__ = [
     "OUTPUT_LAYER_KEY",
     "HEAD_COPY_KEY",
     "EXIT_HEAD_COPY_KEY",
+    "EXIT_VOCAB_KEY",
     "layer_key",
     "exit_output_key",
     "model_arch",
@@ -52,6 +55,8 @@ OUTPUT_LAYER_KEY = "language_model.output_layer.weight"
 HEAD_COPY_KEY = "word_embeddings_for_head.weight"
 # Our key (EE-LLM cannot tie exits to an untied output layer): a non-head exit chunk's copy of output_layer.
 EXIT_HEAD_COPY_KEY = "output_layer_for_exits.weight"
+# Our buffer (--exit-vocab-size): the token ids of a reduced-vocabulary exit projection, int64 [K].
+EXIT_VOCAB_KEY = "exit_vocab"
 
 
 class StateDictError(KeyError, ValueError):
@@ -76,7 +81,8 @@ class ParamSpec:
     """One FULL tensor: its shape, how TP cuts it and which part of the model owns it.
 
     ``role``: 'embedding' (first chunk), 'head' (last chunk), 'layer' (the chunk owning ``layer``; the
-    per-rank key is ``layer_key(local index, suffix)``) or 'exit_output' (the chunk owning exit ``layer``)."""
+    per-rank key is ``layer_key(local index, suffix)``), 'exit_output' (the chunk owning exit ``layer``) or
+    'exit_chunks' (every chunk owning an exit, under the same key)."""
 
     shape: tuple[int, ...]
     tp_dim: int | None
@@ -106,6 +112,9 @@ class _Arch:
     exit_mlp: bool
     exit_block: bool
     untied_exits: bool
+    exit_linear: bool
+    estimator_hidden: int  # 0: no estimator
+    exit_vocab_size: int
 
 
 def model_arch(cfg: ModelConfig, ee: EarlyExitConfig | None = None) -> _Arch:
@@ -140,6 +149,9 @@ def model_arch(cfg: ModelConfig, ee: EarlyExitConfig | None = None) -> _Arch:
         exit_mlp=ee is not None and bool(ee.use_exit_mlp),
         exit_block=ee is not None and bool(ee.use_exit_block),
         untied_exits=ee is not None and bool(ee.untie_exit_output_weights),
+        exit_linear=ee is not None and bool(ee.use_exit_linear),
+        estimator_hidden=ee.exit_estimator_hidden if ee is not None and ee.exit_estimator else 0,
+        exit_vocab_size=ee.exit_vocab_size if ee is not None and ee.exit_layer_nums else 0,
     )
 
 
@@ -191,6 +203,15 @@ def _exit_layer(a: _Arch) -> dict[str, tuple]:
         params.update(_norm(a, "exit_norm"))
     if a.exit_block:
         params.update(_block(a, "exit_block."))
+    if a.exit_linear:
+        params["exit_linear.weight"] = ((a.hidden, a.hidden), None, 1)
+        params["exit_linear.bias"] = ((a.hidden,), None, 1)
+    if a.estimator_hidden:
+        width = a.estimator_hidden
+        params.update({"exit_estimator.hidden.weight": ((width, a.hidden), None, 1),
+                       "exit_estimator.hidden.bias": ((width,), None, 1),
+                       "exit_estimator.output.weight": ((1, width), None, 1),
+                       "exit_estimator.output.bias": ((1,), None, 1)})
     return params
 
 
@@ -212,6 +233,8 @@ def full_state_dict_specs(cfg: ModelConfig, ee: EarlyExitConfig | None = None) -
     if a.untied_exits:
         for number in a.exits:
             specs[exit_output_key(number)] = ParamSpec(vocab, 0, 1, "exit_output", number)
+    if a.exit_vocab_size:
+        specs[EXIT_VOCAB_KEY] = ParamSpec((a.exit_vocab_size,), None, 1, "exit_chunks")
     return specs
 
 
@@ -242,7 +265,8 @@ def check_full_state_dict(
         "FULL state dict",
         full,
         specs,
-        "check --num-layers, --exit-layer-nums, --use-exit-norm/-mlp/-block, --untie-exit-output-weights, "
+        "check --num-layers, --exit-layer-nums, --use-exit-norm/-mlp/-block/-linear, --exit-estimator, "
+        "--exit-vocab-size, --untie-exit-output-weights, "
         "--untie-embeddings-and-output-weights, --normalization, --add-bias-linear and "
         "--position-embedding-type against the checkpoint",
     )
@@ -298,6 +322,8 @@ def _rank_key_map(
             out[layer_key(local_layer[spec.layer], spec.suffix)] = key
         elif spec.role == "exit_output" and spec.layer in local_exit:
             out[exit_output_key(local_exit[spec.layer])] = key
+        elif spec.role == "exit_chunks" and exits:
+            out[key] = key
     copy = _head_copy(a, exits, has_embedding, has_head, ee_llm)
     if copy is not None:
         out[copy[0]] = copy[1]

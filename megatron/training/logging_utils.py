@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Mapping
 
-__all__ = ["configure_logging", "format_train_line", "format_eval_line", "ppl", "ProgressBar"]
+__all__ = ["configure_logging", "format_train_line", "format_eval_line", "ppl", "has_ppl", "ProgressBar"]
 
 
 def configure_logging(rank: int) -> None:
@@ -51,6 +51,12 @@ def format_train_line(*, iteration: int, train_iters: int, consumed_samples: int
     return "".join(f"{p} |" for p in parts)
 
 
+def has_ppl(key: str) -> bool:
+    """Whether a logged value is a token cross-entropy with a perplexity (not an agreement share or the
+    estimators' binary loss)."""
+    return key == "lm loss" or key.startswith("early loss")
+
+
 def ppl(loss: float) -> float:
     """Perplexity of a mean token loss."""
     return math.exp(min(20.0, loss))  # Megatron's cap keeps the print finite
@@ -61,7 +67,8 @@ def format_eval_line(where: str, losses: Mapping[str, float]) -> str:
     parts = [f" validation loss at {where}"]
     for key, value in losses.items():
         parts.append(f" {key} value: {value:.6E}")
-        parts.append(f" {key} PPL: {ppl(value):.6E}")
+        if has_ppl(key):
+            parts.append(f" {key} PPL: {ppl(value):.6E}")
     return "".join(f"{p} |" for p in parts)
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.data.batch_utils import model_inputs
 from megatron.model import exit_weights
 from megatron.training.forward_backward import forward_backward
-from megatron.training.logging_utils import ProgressBar, format_eval_line, format_train_line, ppl
+from megatron.training.logging_utils import ProgressBar, format_eval_line, format_train_line, has_ppl, ppl
 from megatron.training.metrics import IntervalStats, flops_per_iteration, loss_keys, peak_memory_mb, reduce_losses
 from megatron.training.resume import save_run
 from megatron.training.setup import TrainingRun, read_text, set_train_mode
@@ -202,7 +202,7 @@ class _Reporter:
         if self.active and self.trackers:
             values = dict(losses)
             if self.run.cfg.logging.log_validation_ppl_to_tracker:
-                values.update({f"{k} ppl": ppl(v) for k, v in losses.items()})
+                values.update({f"{k} ppl": ppl(v) for k, v in losses.items() if has_ppl(k)})
             self.trackers.log("validation", values, self.run.iteration)
 
 

@@ -1,7 +1,8 @@
 """Numbers the training log reports: losses gathered over the pipeline and averaged over data parallelism,
 model FLOPs per iteration, peak memory, and their accumulation over a log interval.
 
-Every stage reports the losses it computed (the last stage ``lm loss``, exit stages ``early loss [L]``);
+Every stage reports the losses it computed (the last stage ``lm loss``, exit stages ``early loss [L]``, and
+with the final head as teacher ``exit agreement [L]`` and ``estimator loss [L]``);
 :func:`reduce_losses` sums each key over the pipeline group and averages it over the data-parallel group,
 so every rank ends with the full dict (EE-LLM's console showed only the last stage's exits).
 """
@@ -25,7 +26,12 @@ __all__ = ["loss_keys", "reduce_losses", "flops_per_iteration", "peak_memory_mb"
 
 def loss_keys(ee: EarlyExitConfig) -> list[str]:
     """Every loss a step can report, in console order."""
-    return ["lm loss"] + [f"early loss [{layer}]" for layer in ee.exit_layer_nums]
+    keys = ["lm loss"] + [f"early loss [{layer}]" for layer in ee.exit_layer_nums]
+    if ee.needs_teacher:
+        keys += [f"exit agreement [{layer}]" for layer in ee.exit_layer_nums]
+    if ee.exit_estimator:
+        keys += [f"estimator loss [{layer}]" for layer in ee.exit_layer_nums]
+    return keys
 
 
 def _reduce(t: torch.Tensor, group) -> None:

@@ -134,6 +134,7 @@ def is_exit_param(name: str) -> bool:
 
 def _freeze_backbone(chunks: list[EarlyExitGPTModel]) -> None:
     for chunk in chunks:
+        chunk.frozen_backbone = True  # its forward then runs the backbone without autograd
         for name, p in chunk.named_parameters():
             # A shared copy of a frozen projection (output_layer_for_exits) must stay equal to the frozen
             # original, so it is frozen too although its name contains "exit".
@@ -190,8 +191,10 @@ def _forward_only(schedule: Schedule) -> Schedule:
 def _schedules(cfg: RunConfig, state: ParallelState, part: Partition) -> tuple[Schedule, Schedule]:
     """(training, evaluation) schedules of this run's stages."""
     p, t = cfg.parallel, cfg.training
-    # ScheduleOptions' fields are TrainingConfig fields of the same names (resolved there once).
-    opts = ScheduleOptions(**{f.name: getattr(t, f.name) for f in fields(ScheduleOptions)})
+    # ScheduleOptions' fields are TrainingConfig fields of the same names (resolved there once), but for
+    # the teacher, which the exits' objective decides.
+    opts = ScheduleOptions(**{f.name: getattr(t, f.name) for f in fields(ScheduleOptions) if f.name != "teacher"},
+                           teacher=cfg.early_exit.needs_teacher)
     m = t.num_microbatches
     if t.tune_exit and state.pp < p.pp:
         # Planned over the whole model's stages: the last stage built is not the model's head, and the

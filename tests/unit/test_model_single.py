@@ -72,6 +72,7 @@ EE_VARIANTS = [
     dict(use_exit_mlp=True, use_exit_block=True, use_dynamic_exit_layer_weight=True),
     dict(pre_exit=True, use_exit_block=True, exit_layer_temperature=[0.5, 2.0, 1.0]),
     dict(pre_exit=True, untie_exit_output_weights=True),
+    dict(use_exit_linear=True, use_exit_block=True, use_exit_norm=True, exit_estimator=True),
 ]
 
 

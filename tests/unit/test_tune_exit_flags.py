@@ -31,3 +31,38 @@ def test_tune_exit_needs_a_checkpoint():
     # (--finetune has its own rule: it needs --load too.)
     with pytest.raises(ConfigError, match="--tune-exit .* give --load CKPT"):
         resolve(parse_args(BASE + ["--exit-layer-nums", "2"]), 1)
+
+
+TEACHER = ["--exit-layer-nums", "2", "7", "--load", "/ckpt", "--exit-distillation-weight", "0.5"]
+
+
+def test_teacher_objectives_parse_and_need_the_whole_frozen_model():
+    args = parse_args(BASE + TEACHER + ["--tune-exit-pipeline-parallel-size", "4", "--exit-estimator",
+                                        "--exit-estimator-hidden", "16", "--use-exit-linear", "--exit-vocab-size", "50",
+                                        "--exit-distillation-top-k", "8", "--exit-distillation-temperature", "2"])
+    ee = resolve(args, 4).early_exit
+    assert (ee.exit_distillation_weight, ee.exit_distillation_top_k, ee.exit_distillation_temperature) == (0.5, 8, 2.0)
+    assert (ee.exit_estimator, ee.exit_estimator_hidden, ee.use_exit_linear, ee.exit_vocab_size) == (True, 16, True, 50)
+    assert ee.needs_teacher
+    with pytest.raises(ConfigError, match=r"--exit-distillation-weight > 0 needs the final head on the last stage: "
+                                          r"--tune-exit-pipeline-parallel-size \(1\) must equal "
+                                          r"--pipeline-model-parallel-size \(4\)"):
+        resolve(parse_args(BASE + ["--exit-layer-nums", "2", "--load", "/ckpt", "--exit-distillation-weight", "1"]), 4)
+    no_tune = [a for a in BASE if a != "--tune-exit"]
+    with pytest.raises(ConfigError, match=r"--exit-estimator trains the exits against the model's own final head.*"
+                                          r"needs --tune-exit"):
+        resolve(parse_args(no_tune + ["--exit-layer-nums", "2", "--exit-estimator"]), 4)
+    # Inference and tools may hold an estimator without training it.
+    resolve(parse_args(no_tune + ["--exit-layer-nums", "2", "--exit-estimator"]), 4, training=False)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--exit-distillation-weight", "1.5"], r"--exit-distillation-weight must lie in \[0, 1\], got 1.5"),
+    (["--exit-distillation-top-k", "101"], r"--exit-distillation-top-k \(101\) exceeds the vocabulary \(100\)"),
+    (["--exit-distillation-temperature", "0"], "--exit-distillation-temperature must be positive"),
+    (["--exit-vocab-size", "101"], r"--exit-vocab-size \(101\) exceeds the vocabulary \(100\)"),
+    (["--exit-estimator-hidden", "0"], "--exit-estimator-hidden must be a positive integer"),
+])
+def test_bad_teacher_values_name_the_flag(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(parse_args(BASE + TEACHER + ["--tune-exit-pipeline-parallel-size", "4"] + flags), 4)

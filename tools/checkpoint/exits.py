@@ -13,6 +13,9 @@ Copy initialisation: ``exit_norm`` <- the final norm, the branch MLP <- the laye
 projection <- the output projection (``output_layer``, or the word embedding when tied). Random: norms 1,
 biases 0, ``dense`` / ``dense_4h_to_h`` ~ N(0, std / sqrt(2 num_layers)) (Megatron's scaled init), other
 weights and projections ~ N(0, std). Works on plain (no-exit) checkpoints; linear biases are created too.
+Parts with nothing to copy get what a freshly built model has, in both modes: ``exit_linear`` zeros (the
+identity map), ``exit_estimator`` the model's own seeded draw (``SeededInit`` of the checkpoint's seed and
+std), an ``exit_vocab`` not yet present ``-1`` (unfilled).
 Per-exit lists (``exit_layer_weight``, ``..._init``, ``exit_layer_temperature``) keep the existing exits'
 values; new exits get 1.0 / 0.0 / 1.0 (lists left empty stay empty: every exit takes the default).
 
@@ -32,8 +35,10 @@ from dataclasses import dataclass
 import torch
 
 from megatron.config import ConfigError, EarlyExitConfig
+from megatron.core.transformer import SeededInit
 from megatron.model.state_dict_sharding import (
     EMBEDDING_KEY,
+    EXIT_VOCAB_KEY,
     FINAL_NORM_PREFIX,
     OUTPUT_LAYER_KEY,
     ParamSpec,
@@ -50,7 +55,8 @@ __all__ = ["AddExitRequest", "add_exits", "move_exits"]
 
 # Per-exit lists of EarlyExitConfig and the value a new exit gets.
 _PER_EXIT_DEFAULTS = {"exit_layer_weight": 1.0, "exit_layer_weight_init": 0.0, "exit_layer_temperature": 1.0}
-_LAYER_RE = re.compile(r"^language_model\.encoder\.layers\.(\d+)\.(exit_norm\.|exit_block\.)(.*)$")
+_LAYER_RE = re.compile(r"^language_model\.encoder\.layers\.(\d+)\.(exit_norm\.|exit_block\.|exit_linear\.|"
+                       r"exit_estimator\.)(.*)$")
 _EXIT_OUT_RE = re.compile(r"^language_model\.exit_output_layer\.(\d+)\.weight$")
 
 
@@ -121,6 +127,20 @@ def _random_tensor(key: str, spec: ParamSpec, req: AddExitRequest, num_layers: i
     return values.to(dtype)
 
 
+def _fresh_tensor(key: str, spec: ParamSpec, cfg, dtype) -> torch.Tensor | None:
+    """A new tensor of a part with nothing to copy (see the module docstring), else None."""
+    if key == EXIT_VOCAB_KEY:
+        return torch.full(spec.shape, -1, dtype=torch.long)
+    if spec.suffix.startswith("exit_linear."):
+        return torch.zeros(spec.shape, dtype=dtype)
+    if spec.suffix.startswith("exit_estimator."):
+        if spec.suffix.endswith(".bias"):
+            return torch.zeros(spec.shape, dtype=dtype)
+        recipe = SeededInit(cfg.seed, cfg.init_method_std, cfg.num_layers)
+        return recipe.normal(spec.layer, spec.suffix)(torch.empty(spec.shape, dtype=dtype))
+    return None
+
+
 def _copy_source(key: str, spec: ParamSpec, full: dict, num_layers: int, tied_embeddings: bool) -> str:
     """The FULL key a new exit tensor is copied from."""
     if spec.role == "exit_output":
@@ -156,7 +176,10 @@ def add_exits(ckpt: ModelCheckpoint, req: AddExitRequest) -> ModelCheckpoint:
     for key, spec in specs.items():
         if key in full:
             continue
-        if req.random_init and not (spec.role == "exit_output" and spec.layer in ckpt.ee.exit_layer_nums):
+        fresh = _fresh_tensor(key, spec, cfg, dtype)
+        if fresh is not None:
+            full[key] = fresh
+        elif req.random_init and not (spec.role == "exit_output" and spec.layer in ckpt.ee.exit_layer_nums):
             full[key] = _random_tensor(key, spec, req, cfg.num_layers, dtype)
         else:  # an existing tied exit that becomes untied keeps its function: copy the shared projection
             full[key] = full[_copy_source(key, spec, full, cfg.num_layers, tied)].clone()

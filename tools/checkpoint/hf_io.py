@@ -9,8 +9,9 @@ Writing: ``config.json`` + ``model.safetensors`` that ``transformers`` loads wit
 no place for in two files beside them:
 
 - ``early_exit_heads.safetensors``: every exit tensor under its FULL key name (``exit_norm``, the exit-MLP
-  ``mlp.branch`` of layer ``L`` at ``language_model.encoder.layers.<L-1>.``, ``exit_block``, and untied
-  ``language_model.exit_output_layer.<L>.weight`` with all ``padded_vocab_size`` rows);
+  ``mlp.branch`` of layer ``L`` at ``language_model.encoder.layers.<L-1>.``, ``exit_block``, ``exit_linear``,
+  ``exit_estimator``, untied ``language_model.exit_output_layer.<L>.weight`` with all ``padded_vocab_size``
+  rows, and the int64 ``exit_vocab`` buffer);
 - ``early_exit_heads.json``: ``{"format": "ee-megatron-exit-heads", "version": 1, "early_exit": {the
   EarlyExitConfig fields}, "padded_vocab_size": N, "tensors": [keys]}``.
 

@@ -14,6 +14,15 @@ by the number of ordinary microbatches ``m`` (Megatron's convention; bubble fill
 are read in addition to the ``m`` and divided by ``m`` too, see ``schedules/filling.py`` for the
 resulting objective and how it differs from EE-LLM's), exit losses are multiplied by their weight, and
 the loss scale is applied in ``backward_step``.
+
+A step output may also carry ``metrics`` (``{key: scalar}``, logged only), ``aux_loss`` (a scalar already
+weighted, e.g. the exit estimators' loss: normalised by ``m`` and back-propagated with the exit losses) and
+``deferred`` (see :class:`StepOutput`). Schedules whose backward messages carry targets
+(``ScheduleHeader.carries_targets``): the last position's ``output`` is the targets message (a tuple of
+tensors, shaped as ``targets_spec``); each ``B`` takes the targets (received, or its own at the last
+position), runs the forward's ``deferred(targets)`` for its exit losses, back-propagates them and sends the
+same targets upstream. A step run under ``torch.no_grad`` (evaluation) builds no graph at all and its
+backwards only compute the losses.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from .schedules import (
     simulate,
 )
 
-__all__ = ["run_schedule", "StepLosses", "ForwardStep", "PipelineStepError"]
+__all__ = ["run_schedule", "StepLosses", "StepOutput", "ForwardStep", "PipelineStepError"]
 
 _SENDS = frozenset({ActionKind.SEND_F, ActionKind.SEND_B})
 
@@ -50,6 +59,21 @@ class _StageOutput(Protocol):
 
 
 ForwardStep = Callable[[int, int, "torch.Tensor | None"], _StageOutput]
+Message = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class StepOutput:
+    """What a forward step returns (other objects with ``output`` and ``exit_losses`` work too).
+
+    ``deferred(targets) -> StepOutput``: the exit losses (and metrics, aux loss) of this forward, computed
+    when the targets message reaches this stage in a ``carries_targets`` schedule; its ``output`` is unused."""
+
+    output: torch.Tensor | Message | None
+    exit_losses: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    metrics: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    aux_loss: torch.Tensor | None = None
+    deferred: Callable[[Message], "StepOutput"] | None = None
 
 
 @dataclass
@@ -81,8 +105,9 @@ class _Pending:
     """What a forward leaves for its backward."""
 
     input: torch.Tensor | None
-    output: torch.Tensor | None
+    output: torch.Tensor | Message | None
     exit_loss: torch.Tensor | None
+    deferred: Callable[[Message], StepOutput] | None = None
 
 
 def run_schedule(
@@ -97,6 +122,7 @@ def run_schedule(
     loss_scale: float | torch.Tensor | None = None,
     grad_buffers: Sequence | None = None,
     deallocate_outputs: bool = True,
+    targets_spec: Sequence[tuple[Sequence[int], torch.dtype]] | None = None,
 ) -> StepLosses:
     """Run ``stage``'s actions of ``schedule``.
 
@@ -112,12 +138,16 @@ def run_schedule(
             while the backward goes on; the caller calls ``finish_grad_sync`` after the step.
         deallocate_outputs: free an output's data once it is sent, keeping its graph for the backward
             (Megatron's ``deallocate_pipeline_outputs``; see ``backward.py``). Off only to measure it.
+        targets_spec: ``(shape, dtype)`` of each tensor of a targets message (``carries_targets`` schedules).
 
     A failure in any action is re-raised as :class:`PipelineStepError` naming the stage, the action and
     its index, with the schedule's timeline (the original exception is its ``__cause__``).
     """
+    if schedule.header.carries_targets and not targets_spec and any(
+            a.kind is ActionKind.RECV_B for a in schedule[stage]):
+        raise ValueError(f"schedule {schedule.header.name!r} sends targets backward: give targets_spec")
     run = _StageRun(schedule, stage, forward_step, comm, tuple(tensor_shape), dtype, dict(exit_weights or {}),
-                    loss_scale, grad_buffers, deallocate_outputs)
+                    loss_scale, grad_buffers, deallocate_outputs, targets_spec)
     actions = run.actions
     i = 0
     while i < len(actions):
@@ -142,13 +172,18 @@ class _StageRun:
     forward leaves for its backward."""
 
     def __init__(self, schedule, stage, forward_step, comm, tensor_shape, dtype, weights, loss_scale,
-                 grad_buffers, deallocate_outputs):
+                 grad_buffers, deallocate_outputs, targets_spec=None):
         self.header, self.stage, self.actions = schedule.header, stage, schedule[stage]
         self.forward_step, self.comm, self.tensor_shape, self.dtype = forward_step, comm, tensor_shape, dtype
         self.weights, self.loss_scale, self.grad_buffers = weights, loss_scale, grad_buffers
         self.deallocate = deallocate_outputs
         self.m = self.header.num_microbatches
-        self.want_input_grad = needs_input_grad(schedule, stage)
+        self.targets = self.header.carries_targets
+        self.targets_spec = [(tuple(shape), dt) for shape, dt in targets_spec or ()]
+        self.grad_enabled = torch.is_grad_enabled()
+        # (chunk, mb) whose backward sends upstream: an input gradient, or the targets it received.
+        self.sends_back = needs_input_grad(schedule, stage)
+        self.want_input_grad = frozenset() if self.targets else self.sends_back
         self.sends_output = {(a.chunk, a.mb) for a in self.actions if a.kind is ActionKind.SEND_F}
         # A backward seeded by exit losses only never uses the output: keeping it would keep the graph of
         # the layers after the exit alive for nothing.
@@ -175,19 +210,42 @@ class _StageRun:
         else:
             self.forward(a)
 
+    def _specs(self, a: Action) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Shapes and dtypes of the tensors the message of ``a`` is made of."""
+        if self.targets and a.kind in (ActionKind.SEND_B, ActionKind.RECV_B):
+            return self.targets_spec
+        return [(self.tensor_shape, self.dtype)]
+
     def communicate(self, batch: Sequence[Action]) -> None:
         sent = [(a, self.to_send.pop((a.kind, a.chunk, a.mb))) for a in batch if a.kind in _SENDS]
         recv_actions = [a for a in batch if a.kind not in _SENDS]
         if self.comm is None:
             raise RuntimeError("this schedule communicates between stages but no PipelineP2P was given")
-        tensors = self.comm.exchange([(t, a.peer) for a, t in sent],
-                                     [(self.tensor_shape, self.dtype, a.peer) for a in recv_actions])
+        parts = [(t if isinstance(t, tuple) else (t,), a) for a, t in sent]
+        recvs = [(shape, dt, a.peer) for a in recv_actions for shape, dt in self._specs(a)]
+        tensors = iter(self.comm.exchange([(x, a.peer) for ts, a in parts for x in ts], recvs))
         for a, t in sent:
             # The exchange has completed: the data went out and only the graph is needed now.
             if self.deallocate and a.kind is ActionKind.SEND_F and t.requires_grad:
                 free_output(t)
-        for a, t in zip(recv_actions, tensors):
-            self.received[(a.kind, a.chunk, a.mb)] = t
+        for a in recv_actions:
+            message = tuple(next(tensors) for _ in self._specs(a))
+            targets = self.targets and a.kind is ActionKind.RECV_B
+            self.received[(a.kind, a.chunk, a.mb)] = message if targets else message[0]
+
+    def _account(self, out) -> torch.Tensor | None:
+        """Log a step output's losses and metrics; its weighted, normalised loss to back-propagate."""
+        total = None
+        for layer, value in sorted(out.exit_losses.items()):
+            self.losses.add(f"early loss [{layer}]", value)
+            term = value * (self.weights.get(layer, 1.0) / self.m)
+            total = term if total is None else total + term
+        for key, value in sorted(getattr(out, "metrics", {}).items()):
+            self.losses.add(key, value)
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None:
+            total = aux / self.m if total is None else total + aux / self.m
+        return total
 
     def forward(self, a: Action) -> None:
         key, header, m = (a.chunk, a.mb), self.header, self.m
@@ -196,26 +254,43 @@ class _StageRun:
         if x is not None and key in self.want_input_grad:
             x.requires_grad_()
         freed = self.deallocate and a.kind is ActionKind.F and key in self.sends_output
-        with torch.set_grad_enabled(a.kind is ActionKind.F), saving_aliases() if freed else nullcontext():
+        grad = a.kind is ActionKind.F and self.grad_enabled
+        with torch.set_grad_enabled(grad), saving_aliases() if freed else nullcontext():
             out = self.forward_step(a.chunk, a.mb, x)
-        exit_loss = None
-        for layer, value in sorted(out.exit_losses.items()):
-            self.losses.add(f"early loss [{layer}]", value)
-            term = value * (self.weights.get(layer, 1.0) / m)
-            exit_loss = term if exit_loss is None else exit_loss + term
+        exit_loss = self._account(out)
         output = out.output
+        last = position == header.num_positions - 1
         # The plan, not the position alone, says whether this output is the final loss: an EE-Tuning
         # stream run over the first k stages ends on a stage that has no head.
-        if position == header.num_positions - 1 and header.routes[a.mb].final_loss:
+        if last and header.routes[a.mb].final_loss and not self.targets:
             self.losses.add("lm loss", output)
             output = output / m
         elif key in self.sends_output:
             self.to_send[(ActionKind.SEND_F, a.chunk, a.mb)] = output
+        if self.targets and not last:
+            output = None  # a targets backward never reads the hidden state; the last keeps its targets
         if a.kind is ActionKind.F:
-            self.pending[key] = _Pending(x, None if key in self.exit_seeded else output, exit_loss)
+            self.pending[key] = _Pending(x, None if key in self.exit_seeded else output, exit_loss,
+                                         getattr(out, "deferred", None))
+
+    def backward_targets(self, a: Action, p: _Pending) -> None:
+        """A B of a ``carries_targets`` schedule (see the module docstring)."""
+        targets = self.received.pop((ActionKind.RECV_B, a.chunk, a.mb), None)
+        targets = p.output if targets is None else targets
+        if targets is None:
+            raise RuntimeError(f"{a} has no targets from downstream")
+        exit_loss = p.exit_loss
+        late = None if p.deferred is None else self._account(p.deferred(targets))
+        if late is not None:
+            exit_loss = late if exit_loss is None else exit_loss + late
+        backward_step(None, None, exit_loss, self.loss_scale, None)
+        if (a.chunk, a.mb) in self.sends_back:
+            self.to_send[(ActionKind.SEND_B, a.chunk, a.mb)] = targets
 
     def backward(self, a: Action) -> None:
         p = self.pending.pop((a.chunk, a.mb))
+        if self.targets:
+            return self.backward_targets(a, p)
         grad = self.received.pop((ActionKind.RECV_B, a.chunk, a.mb), None)
         seeded_by_output = a.kind is not ActionKind.B_EXIT
         if seeded_by_output and grad is None and p.output is not None and p.output.dim() != 0:

@@ -45,7 +45,8 @@ class MLP(nn.Module):
 
 
 class ExitMLP(nn.Module):
-    """``trunk`` is the backbone MLP, ``branch`` the exit's own MLP applied to the same normalised input.
+    """``trunk`` is the backbone MLP, ``branch`` the exit's own MLP applied to the same normalised input
+    (a container: the exit layer calls each, the trunk possibly without autograd under EE-Tuning).
 
     The trunk is initialised under the plain MLP's names, so adding an exit MLP leaves the backbone's
     initial weights unchanged."""
@@ -54,6 +55,3 @@ class ExitMLP(nn.Module):
         super().__init__()
         self.trunk = MLP(config, state=state, init=init)
         self.branch = MLP(config, state=state, init=init.child("branch"))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.trunk(x), self.branch(x)

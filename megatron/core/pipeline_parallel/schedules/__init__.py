@@ -19,7 +19,7 @@ from .actions import (
 )
 from .engine import Span
 from .filling import early_exit_bubble_filling, fill_counts
-from .generators import ee_tuning_stream, forward_only, interleaved_one_f_one_b, no_pipelining, one_f_one_b
+from .generators import ee_tuning_stream, ee_tuning_with_teacher, forward_only, interleaved_one_f_one_b, no_pipelining, one_f_one_b
 from .render import ascii_grid
 from .simulate import Costs, SimResult, simulate
 from .validate import validate
@@ -41,6 +41,7 @@ __all__ = [
     "ascii_grid",
     "early_exit_bubble_filling",
     "ee_tuning_stream",
+    "ee_tuning_with_teacher",
     "fill_counts",
     "forward_only",
     "interleaved_one_f_one_b",

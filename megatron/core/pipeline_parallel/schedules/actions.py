@@ -177,6 +177,10 @@ class ScheduleHeader:
     routes: tuple[Route, ...]
     exit_positions: tuple[int, ...] = ()
     backward_forward_ratio: float | None = None
+    # The backward messages (SEND_B / RECV_B) carry the final head's targets for the exits instead of
+    # activation gradients (EE-Tuning with a teacher, see ``ee_tuning_with_teacher``): a B runs the chunk's
+    # deferred exit losses on the received targets and passes the same targets upstream.
+    carries_targets: bool = False
 
     def __post_init__(self) -> None:
         if [r.mb for r in self.routes] != list(range(len(self.routes))):

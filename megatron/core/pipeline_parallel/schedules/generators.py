@@ -1,4 +1,5 @@
-"""Pure schedule generators: no pipelining, 1F1B, interleaved 1F1B, forward-only, EE-Tuning stream.
+"""Pure schedule generators: no pipelining, 1F1B, interleaved 1F1B, forward-only, EE-Tuning stream, and
+EE-Tuning with a teacher (the final head's targets travel back where gradients would).
 
 Each generator writes the global plan (one :class:`Route` per microbatch), orders each stage's compute
 actions, and lets :func:`assemble` derive the communication. Exits need no special schedule: a stage's
@@ -21,6 +22,7 @@ __all__ = [
     "interleaved_one_f_one_b",
     "forward_only",
     "ee_tuning_stream",
+    "ee_tuning_with_teacher",
     "full_routes",
     "one_f_one_b_order",
     "check_sizes",
@@ -180,6 +182,25 @@ def ee_tuning_stream(pp: int, m: int, exit_stages: Sequence[int]) -> Schedule:
         return out
 
     return _per_stage(header, order)
+
+
+def ee_tuning_with_teacher(pp: int, m: int, exit_stages: Sequence[int]) -> Schedule:
+    """EE-Tuning whose exit losses need the final head (self-distillation, the estimator's target).
+
+    1F1B over all stages with targets in place of gradients (``ScheduleHeader.carries_targets``): every
+    stage runs its forward (the frozen backbone builds no graph), the last stage computes the final
+    head's targets once per microbatch, and the backward messages carry them from the last stage down to
+    the first stage holding an exit; each stage on that path runs its B when they arrive -- its deferred
+    exit losses (exit parameters only) -- and hands them on. Stages before the first exit stage only run
+    forwards (no graph at all). The plan is an ordinary chained route, so ``validate`` / ``simulate``
+    check it like any 1F1B."""
+    check_sizes(pp, m)
+    heads = check_exits(pp, exit_stages, "--tune-exit")
+    last = pp - 1
+    bwd = tuple(range(min(heads), last + 1))
+    routes = tuple(Route(mb, "tune", last, bwd) for mb in range(m))
+    header = ScheduleHeader("ee_tuning_with_teacher", pp, 1, m, routes, heads, carries_targets=True)
+    return _per_stage(header, lambda s: one_f_one_b_order(header, s, range(m)))
 
 
 def check_exits(num_positions: int, exits: Sequence[int], needed_by: str | None = None) -> tuple[int, ...]:
