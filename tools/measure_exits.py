@@ -77,8 +77,9 @@ def report(preds, costs, num_layers: int, ns) -> dict:
                         for t in ns.thresholds}
         exits[str(layer)] = row
     projections = [vars(project(preds, preds.exits, t, costs, num_layers)) for t in ns.thresholds]
+    floors = (None, 0.1, 0.2, 0.3, 0.5) if preds.estimate else (None,)
     best = recommend(preds, costs, num_layers, min_fidelity=ns.min_fidelity, thresholds=ns.thresholds,
-                     max_exits=ns.max_exits)
+                     max_exits=ns.max_exits, floors=floors)
     return {"positions": len(preds.final), "exits": exits, "costs_s": vars(costs), "costs_in_layers": costs.as_layers(),
             "projection_all_exits": projections, "recommended": vars(best) if best else None,
             "min_fidelity": ns.min_fidelity}
@@ -93,7 +94,8 @@ def print_tables(r: dict) -> None:
                          for v in row["fires"].values())
         print(f"{layer:>5} | {row['agreement']:9.3f} | {row['confidence']['ece']:9.3f} | {fires}")
     c = r["costs_in_layers"]
-    print(f"\ncosts per token (in layers): head {c['head']:.2f}, exit check {c['check']:.2f}")
+    print(f"\ncosts per token (in layers): head {c['head']:.2f}, exit check {c['check']:.2f}, "
+          f"estimator {c['estimator']:.3f}")
     print(f"{'threshold':>9} | {'projected speed-up':>18} | {'fidelity':>8} | exit shares")
     for p in r["projection_all_exits"]:
         shares = " ".join(f"{k}:{v:.2f}" for k, v in p["share"].items())
@@ -105,7 +107,8 @@ def print_tables(r: dict) -> None:
         print(f"\nearly exit does not pay with these exits: the fastest choice with fidelity >= {r['min_fidelity']} "
               f"(exit_layers {list(best['exits'])}, threshold {best['threshold']}) projects {best['speedup']:.2f}x")
     else:
-        print(f"\nrecommended: exit_layers {list(best['exits'])}, threshold {best['threshold']}: projected "
+        floor = "" if best["estimator_floor"] is None else f", estimator_floor {best['estimator_floor']}"
+        print(f"\nrecommended: exit_layers {list(best['exits'])}, threshold {best['threshold']}{floor}: projected "
               f"{best['speedup']:.2f}x at fidelity {best['fidelity']:.3f} (the fastest with fidelity >= "
               f"{r['min_fidelity']})")
 
@@ -120,10 +123,14 @@ def main(argv=None) -> int:
     chunk = model.chunks[0]
     if not model.run.early_exit.exit_layer_nums:
         raise ValueError("the model has no exits (--exit-layer-nums): nothing to measure")
+    ee = model.run.early_exit
+    vocab = chunk.exit_vocabulary() if ee.exit_vocab_size else None
+    estimator = chunk.exit_estimate if ee.exit_estimator else None
     seqs, starts = sequences(model, ns)
-    preds = exit_predictions(chunk, seqs, starts)
+    preds = exit_predictions(chunk, seqs, starts, exit_vocab=vocab, estimator=estimator)
     torch.set_num_threads(ns.threads)
-    costs = measure_costs(chunk)
+    costs = measure_costs(chunk, exit_vocab_size=ee.exit_vocab_size or None,
+                          estimator_layer=ee.exit_layer_nums[0] if estimator is not None else None)
     r = report(preds, costs, model.run.model.num_layers, ns)
     os.makedirs(ns.output_dir, exist_ok=True)
     with open(os.path.join(ns.output_dir, "exits.json"), "w") as f:

@@ -20,7 +20,7 @@ import urllib.request
 
 DEFAULT_URL = "http://localhost:5000/api"
 DECODING_MODES = ("full", "early_exit", "speculative")  # the server's request.DECODING_MODES
-CONFIDENCE_MEASURES = ("top1", "margin", "entropy", "cosine")  # the server's confidence.MEASURES
+CONFIDENCE_MEASURES = ("top1", "margin", "entropy", "cosine", "estimator")  # the server's confidence.MEASURES
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompt_example.jsonl")
 
 
@@ -59,7 +59,11 @@ def add_request_flags(parser: argparse.ArgumentParser, tokens: int) -> argparse.
     parser.add_argument("--confidence", choices=CONFIDENCE_MEASURES, default=None,
                         help="Early exit: the confidence measure (server default top1: the top-1 probability; "
                              "margin: top-1 minus top-2; entropy: 1 - normalised entropy; cosine: CALM's "
-                             "similarity of the hidden states at consecutive exits).")
+                             "similarity of the hidden states at consecutive exits; estimator: the exit's learned "
+                             "estimate that it agrees with the final head, exits tuned with --exit-estimator).")
+    parser.add_argument("--estimator-floor", type=float, default=None,
+                        help="Early exit: measure an exit's confidence only where its learned estimate reaches "
+                             "this (in [0, 1]; exits tuned with --exit-estimator): a cheap pre-filter.")
     parser.add_argument("--threshold-decay", type=float, default=None,
                         help="Early exit: CALM's decaying threshold with this decay temperature (>= 0): "
                              "0.9 threshold + 0.1 exp(-decay t / tokens), t the generated token's index.")
@@ -85,8 +89,12 @@ def parse_request_flags(parser: argparse.ArgumentParser, argv=None) -> argparse.
         parser.error(f"--use-early-exit contradicts --decoding {decoding}; drop one")
     if decoding != "speculative" and (args.draft_exit_layer is not None or args.num_speculative_tokens is not None):
         parser.error("--draft-exit-layer and --num-speculative-tokens need --decoding speculative")
-    if decoding != "early_exit" and (args.confidence is not None or args.threshold_decay is not None):
-        parser.error("--confidence and --threshold-decay need --use-early-exit (or --decoding early_exit)")
+    if decoding != "early_exit" and (args.confidence is not None or args.threshold_decay is not None
+                                     or args.estimator_floor is not None):
+        parser.error("--confidence, --threshold-decay and --estimator-floor need --use-early-exit (or --decoding "
+                     "early_exit)")
+    if args.estimator_floor is not None and not 0 <= args.estimator_floor <= 1:
+        parser.error(f"--estimator-floor must lie in [0, 1], got {args.estimator_floor}")
     if args.threshold_decay is not None and not args.threshold_decay >= 0:
         parser.error(f"--threshold-decay must be >= 0, got {args.threshold_decay}")
     args.decoding = decoding
@@ -104,6 +112,8 @@ def early_exit_fields(args: argparse.Namespace) -> dict:
             fields["confidence"] = args.confidence
         if args.threshold_decay is not None:
             fields["threshold_decay"] = args.threshold_decay
+        if args.estimator_floor is not None:
+            fields["estimator_floor"] = args.estimator_floor
         return fields
     fields = {"decoding": "speculative"}
     if args.draft_exit_layer is not None:

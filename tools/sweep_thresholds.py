@@ -104,7 +104,8 @@ def point(run: dict, num_layers: int, reference: dict | None) -> dict:
 
 
 def sweep(generate_fn, prompts: list[str], thresholds: list[float], *, tokens: int, batch: int, num_layers: int,
-          confidence: str = "top1", repeats: int = 1, task_eval=None) -> dict:
+          confidence: str = "top1", repeats: int = 1, task_eval=None, estimator_floor: float | None = None,
+          exit_layers: list[int] | None = None) -> dict:
     """Full depth, then every threshold. ``task_eval(threshold or None) -> metrics`` adds task results."""
     decode(generate_fn, prompts[:1], EarlyExitParams(), 1, 1)  # warm-up: first-call costs out of the timings
     full = decode(generate_fn, prompts, EarlyExitParams(), tokens, batch, repeats)
@@ -112,7 +113,8 @@ def sweep(generate_fn, prompts: list[str], thresholds: list[float], *, tokens: i
     if task_eval is not None:
         result["full_depth"]["task"] = task_eval(None)
     for thres in thresholds:
-        ee = EarlyExitParams(use_early_exit=True, early_exit_thres=thres, confidence=confidence)
+        ee = EarlyExitParams(use_early_exit=True, early_exit_thres=thres, confidence=confidence,
+                             estimator_floor=estimator_floor, exit_layers=list(exit_layers or []))
         p = {"threshold": thres, **point(decode(generate_fn, prompts, ee, tokens, batch, repeats), num_layers, full)}
         base = result["full_depth"]["tokens_per_s"]
         p["speedup"] = p["tokens_per_s"] / base if base > 0 else 0.0
@@ -160,6 +162,11 @@ def parse(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--repeats", type=int, default=1, help="Time each generation this often, keep the fastest.")
     parser.add_argument("--task", default=None, help="Also evaluate this task file at every threshold.")
     parser.add_argument("--output-dir", default="sweep", help="Where sweep.json and sweep.png go.")
+    parser.add_argument("--estimator-floor", type=float, default=None,
+                        help="Measure an exit only where its learned estimate reaches this (exits tuned with "
+                             "--exit-estimator).")
+    parser.add_argument("--exit-layers", type=int, nargs="*", default=[],
+                        help="Only these exits may fire (default: all; tools/measure_exits.py recommends a set).")
     add_eval_args(parser)
     return parser.parse_args(argv), model_argv
 
@@ -185,9 +192,10 @@ def main(argv=None) -> int:
     task_eval = None if task is None else _task_evaluator(model, ns, task, lm.generate)
     result = sweep(lm.generate, prompts, thresholds, tokens=ns.tokens, batch=ns.eval_batch_size,
                    num_layers=model.num_layers, confidence=ns.confidence, repeats=ns.repeats,
-                   task_eval=task_eval)
+                   task_eval=task_eval, estimator_floor=ns.estimator_floor, exit_layers=ns.exit_layers)
     result["config"] = {"prompts": ns.prompts, "num_prompts": len(prompts), "tokens": ns.tokens,
-                        "repeats": ns.repeats, "confidence": ns.confidence, "task": ns.task, "num_layers": model.num_layers,
+                        "repeats": ns.repeats, "confidence": ns.confidence, "estimator_floor": ns.estimator_floor,
+                        "allowed_exits": ns.exit_layers, "task": ns.task, "num_layers": model.num_layers,
                         "exit_layers": model.exit_layers, "tp": model.state.tp, "pp": model.state.pp}
     if model.state.rank == 0:
         os.makedirs(ns.output_dir, exist_ok=True)

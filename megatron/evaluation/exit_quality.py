@@ -126,7 +126,7 @@ class _capture_layer_outputs(dict):
                 number = layer.layer_number
 
                 def hook(module, args, output, number=number):
-                    self[number] = (args[0] if module.pre_exit else output[0]).detach()
+                    self[number] = module.trunk_state(args[0], output[0]).detach()
 
                 self._handles.append(layer.register_forward_hook(hook))
 
@@ -179,9 +179,12 @@ def _median_time(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def measure_costs(model, *, context: int = 128, exit_vocab_size: int | None = None, repeats: int = 15) -> DecodeCosts:
-    """Time one token's cached forward at depth (after ``context`` cached positions) and the head's
-    projection on this machine (the caller sets the torch threads it decodes with)."""
+def measure_costs(model, *, context: int = 128, exit_vocab_size: int | None = None, estimator_layer: int | None = None,
+                  repeats: int = 15) -> DecodeCosts:
+    """Time one token's cached forward at depth (after ``context`` cached positions), the head's projection,
+    an exit check (a projection onto ``exit_vocab_size`` rows, default the whole vocabulary) and, with
+    ``estimator_layer``, that exit's learned estimator, on this machine (the caller sets the torch threads
+    it decodes with)."""
     from megatron.core.transformer import InferenceParams
 
     weight = model.output_weight()
@@ -189,6 +192,9 @@ def measure_costs(model, *, context: int = 128, exit_vocab_size: int | None = No
     rows = weight if not exit_vocab_size else weight[:exit_vocab_size].clone()
     head_s = _median_time(lambda: torch.softmax(torch.nn.functional.linear(h, weight), -1), repeats)
     check_s = _median_time(lambda: torch.softmax(torch.nn.functional.linear(h, rows), -1), repeats)
+    estimator_s = 0.0
+    if estimator_layer is not None:
+        estimator_s = _median_time(lambda: torch.sigmoid(model.exit_estimate(estimator_layer, h)), repeats)
     ids = torch.randint(0, model.config.vocab_size, (1, context + 1), device=weight.device)
     kv = InferenceParams(1, context + 1)
 
@@ -199,7 +205,7 @@ def measure_costs(model, *, context: int = 128, exit_vocab_size: int | None = No
     model.infer(ids[:, :context], inference_params=kv, num_last=1)
     full_s = _median_time(step, repeats)
     layer_s = max(full_s - head_s, 1e-9) / model.config.num_layers
-    return DecodeCosts(layer_s=layer_s, head_s=head_s, check_s=check_s)
+    return DecodeCosts(layer_s=layer_s, head_s=head_s, check_s=check_s, estimator_s=estimator_s)
 
 
 @dataclass

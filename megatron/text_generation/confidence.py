@@ -10,6 +10,10 @@ reaches the threshold. Every measure lies in [0, 1], so one threshold range serv
 - ``cosine``: CALM's hidden-state saturation, the cosine similarity between the hidden state at this exit
   and at the previous exit evaluated for the same token (negative values count as 0: no confidence).
   At the first exit there is nothing to compare with and the confidence is 0, so that exit never fires.
+- ``estimator``: the exit's learned estimate (``--exit-estimator``, trained during EE-Tuning) of the
+  probability that its top-1 token equals the final head's, from the exit layer's trunk state: a
+  576 -> 64 -> 1 network on SmolLM2, so an exit check costs almost nothing and the exit's vocabulary
+  projection runs only where it fires (CALM's "classifier" measure).
 
 The callers pass logits over the real vocabulary (vocabulary padding sliced off): padded entries would
 take probability mass and change ``V`` in the entropy. Entries at ``-inf`` (banned tokens) are fine.
@@ -33,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Measure", "MEASURE_RULES", "MEASURES", "confidence", "check_measure", "decayed_threshold"]
+__all__ = ["Measure", "MEASURE_RULES", "MEASURES", "confidence", "estimate", "check_measure", "decayed_threshold"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,17 @@ MEASURE_RULES: dict[str, Measure] = {
     **{name: _logit_measure(name) for name in ("top1", "margin", "entropy")},
     "cosine": Measure("cosine", lambda view, prev, temperature: _cosine(prev, view.hidden, view.rows,
                                                                           view.hidden.device), compares=True),
+    "estimator": Measure("estimator", lambda view, prev, temperature: estimate(view)),
 }
 MEASURES = tuple(MEASURE_RULES)
+
+
+def estimate(view) -> torch.Tensor:
+    """The learned agreement estimate ``[rows]`` in [0, 1] of an exit's view (its chunk's estimator on the
+    view's trunk state); a ValueError when the exit has none."""
+    if view.trunk is None or view.chunk is None:
+        raise ValueError(f"confidence 'estimator': the view of layer {view.layer} carries no trunk state")
+    return torch.sigmoid(view.chunk.exit_estimate(view.layer, view.trunk))
 
 
 def check_measure(measure: str) -> str:

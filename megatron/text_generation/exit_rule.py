@@ -3,8 +3,11 @@
 :class:`ExitRule` says which exits may fire (``allowed``: a request's ``exit_layers``, all by default),
 which exits must be computed for that (``computed``: the allowed ones, plus the exits below the last
 allowed one when the measure compares with the previous exit, as CALM's cosine does), the confidence
-measure (``confidence.MEASURE_RULES``), the threshold (constant, or CALM's decaying one) and the exits'
-temperatures (applied to the confidence only).
+measure (``confidence.MEASURE_RULES``), the threshold (constant, or CALM's decaying one), the exits'
+temperatures (applied to the confidence only) and an optional estimator floor: with one, a row's measure
+is taken only where the exit's learned estimate reaches the floor (elsewhere its confidence is -1: such a
+row does not leave there, whatever the threshold), so an
+expensive measure (the exit's projection and softmax) runs only where the cheap estimator sees a chance.
 
 :class:`ExitWalk` applies it to a set of rows walking up the exits in layer order: for generation the
 sequences of one decoding step (the walk's state travels between pipeline stages in the step's carry),
@@ -20,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .confidence import MEASURE_RULES, check_measure, decayed_threshold
+from .confidence import MEASURE_RULES, check_measure, decayed_threshold, estimate
 
 __all__ = ["ExitRule", "ExitWalk"]
 
@@ -28,11 +31,12 @@ __all__ = ["ExitRule", "ExitWalk"]
 class ExitRule:
     """``exits``: the model's exit layers; ``allowed``: those that may fire (None / empty: all);
     ``threshold`` in [0, 1]; ``decay``: CALM's tau (None / 0: a constant threshold); ``temperature(layer)``:
-    divides the exit's logits for the confidence (None: 1)."""
+    divides the exit's logits for the confidence (None: 1); ``estimator_floor`` in [0, 1]: see the module doc
+    (None: off)."""
 
     def __init__(self, exits: Sequence[int], *, allowed: Iterable[int] | None = None, measure: str = "top1",
                  threshold: float = 1.0, decay: float | None = None,
-                 temperature: Callable[[int], float] | None = None):
+                 temperature: Callable[[int], float] | None = None, estimator_floor: float | None = None):
         exits = sorted(exits)
         allowed = sorted(set(allowed or exits))
         unknown = sorted(set(allowed) - set(exits))
@@ -49,6 +53,9 @@ class ExitRule:
         self.computed = frozenset(e for e in exits if e <= last) if self.measure.compares else self.allowed
         self.threshold, self.decay = threshold, float(decay or 0.0)
         self.temperature = temperature
+        if estimator_floor is not None and not 0.0 <= estimator_floor <= 1.0:
+            raise ValueError(f"estimator_floor must lie in [0, 1] (or be None), got {estimator_floor}")
+        self.estimator_floor = estimator_floor
 
     def bar(self, position: torch.Tensor | None = None, max_len: int = 1) -> float | torch.Tensor:
         """The threshold for each row; with a decay, ``position`` ``[rows]`` is each row's index among the
@@ -59,7 +66,12 @@ class ExitRule:
 
     def confidence(self, view, prev_hidden: torch.Tensor | None) -> torch.Tensor:
         temperature = self.temperature(view.layer) if self.temperature is not None else 1.0
-        return self.measure.score(view, prev_hidden, temperature)
+        if self.estimator_floor is None:
+            return self.measure.score(view, prev_hidden, temperature)
+        passed = estimate(view) >= self.estimator_floor
+        if not bool(passed.any()):  # the common case at batch 1: no projection at all
+            return torch.full((view.rows,), -1.0, dtype=torch.float32, device=passed.device)
+        return torch.where(passed, self.measure.score(view, prev_hidden, temperature), -1.0)
 
 
 class ExitWalk:

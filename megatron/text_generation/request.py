@@ -81,6 +81,7 @@ class EarlyExitParams:
     print_max_prob: bool = False
     confidence: str = "top1"  # top1, margin, entropy or cosine (see confidence.py)
     threshold_decay: float | None = None  # None / 0: constant threshold; else CALM's decay temperature tau
+    estimator_floor: float | None = None  # measure an exit only where its learned estimate reaches this (None: off)
     # "full", "early_exit" (use_early_exit: true is the older spelling) or "speculative": drafts from
     # draft_exit_layer (None: the first exit), num_speculative_tokens per round, verified at full depth
     decoding: str = "full"
@@ -257,7 +258,7 @@ def _early_exit(f: _Fields, default_thres: float) -> EarlyExitParams:
     if any(layer < 1 for layer in exit_layers):
         raise RequestError("exit_layers", f"layers are numbered from 1, got {show_value(exit_layers)}")
     decoding = _decoding(f)
-    measure, decay = _confidence(f, decoding)
+    measure, decay, floor = _confidence(f, decoding)
     return EarlyExitParams(
         use_early_exit=decoding == "early_exit",
         decoding=decoding,
@@ -271,15 +272,16 @@ def _early_exit(f: _Fields, default_thres: float) -> EarlyExitParams:
         print_max_prob=f.bool("print_max_prob", False),
         confidence=measure,
         threshold_decay=decay,
+        estimator_floor=floor,
     )
 
 
-def _confidence(f: _Fields, decoding: str) -> tuple[str, float | None]:
-    """``confidence`` (the measure) and ``threshold_decay`` (CALM's tau; absent or null: a constant
-    threshold). They shape early exits only and are refused with another decoding (they would be
-    silently ignored)."""
+def _confidence(f: _Fields, decoding: str) -> tuple[str, float | None, float | None]:
+    """``confidence`` (the measure), ``threshold_decay`` (CALM's tau; absent or null: a constant
+    threshold) and ``estimator_floor`` (absent or null: off). They shape early exits only and are refused
+    with another decoding (they would be silently ignored)."""
     if decoding != "early_exit":
-        for name in ("confidence", "threshold_decay"):
+        for name in ("confidence", "threshold_decay", "estimator_floor"):
             if f.has(name):
                 raise RequestError(name, "only applies to decoding 'early_exit' (or use_early_exit: true)")
     measure = f.raw("confidence", "top1")
@@ -287,7 +289,9 @@ def _confidence(f: _Fields, decoding: str) -> tuple[str, float | None]:
         raise RequestError("confidence", f"must be one of {', '.join(MEASURES)}, got {show_value(measure)}")
     f.read.add("threshold_decay")
     decay = f.float("threshold_decay", 0.0, lo=0.0, hi=MAX_THRESHOLD_DECAY) if f.has("threshold_decay") else None
-    return measure, decay
+    f.read.add("estimator_floor")
+    floor = f.float("estimator_floor", 0.0, lo=0.0, hi=1.0) if f.has("estimator_floor") else None
+    return measure, decay, floor
 
 
 def _decoding(f: _Fields) -> str:

@@ -42,6 +42,11 @@ def _check_exits(request: GenerationRequest, info: "ModelInfo") -> None:
         raise RequestError("exit_layers", f"layers {show_value(unknown)} have no exit; this model's exits are {exits}")
     if ee.use_early_exit and not exits:
         raise RequestError("use_early_exit", "this model has no exits; drop use_early_exit")
+    if not info.estimators:
+        for name, used in (("confidence", ee.confidence == "estimator"), ("estimator_floor", ee.estimator_floor is not None)):
+            if used:
+                raise RequestError(name, "this model's exits have no learned estimator (tune them with "
+                                         "--exit-estimator); use another confidence measure")
     if ee.method == "pipeline" and info.pp == 1:
         raise RequestError("method", "the pipeline method needs pipeline parallelism (pp > 1); use "
                                      "'recompute' or 'auto'")

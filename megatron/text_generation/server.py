@@ -83,6 +83,7 @@ class ModelInfo:
     pp: int = 1
     max_positions: int | None = None  # context length: prompt + generated tokens must fit
     vocab_size: int | None = None  # token ids (stop tokens) must lie below it
+    estimators: bool = False  # its exits have learned agreement estimators (--exit-estimator)
     tokenize: Callable[[str], list[int]] | None = None  # counts prompt tokens for OpenAI's ``usage``
     detokenize: Callable[[list[int]], str] | None = None  # streams the text token by token
 

@@ -105,5 +105,6 @@ def model_info(args: argparse.Namespace, run, tokenizer=None) -> ModelInfo:
     name = args.model_name or (os.path.basename(os.path.normpath(args.load)) if args.load else "random-weights")
     return ModelInfo(name=name, num_layers=run.model.num_layers, exit_layers=list(run.early_exit.exit_layer_nums),
                      pp=run.parallel.pp, max_positions=run.model.max_positions, vocab_size=run.model.vocab_size,
+                     estimators=run.early_exit.exit_estimator,
                      tokenize=tokenizer.tokenize if tokenizer is not None else None,
                      detokenize=tokenizer.detokenize if tokenizer is not None else None)

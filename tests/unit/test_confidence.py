@@ -13,7 +13,7 @@ LOGITS = torch.tensor([[math.log(2.0), 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, float("
 
 
 def test_measures_tuple():
-    assert MEASURES == ("top1", "margin", "entropy", "cosine")
+    assert MEASURES == ("top1", "margin", "entropy", "cosine", "estimator")
 
 
 def test_top1_is_max_probability():

@@ -46,7 +46,8 @@ def exit_rule(ee_params, ee_config) -> ExitRule | None:
     exits = list(ee_config.exit_layer_nums)
     temperature = ee_config.temperature if ee_params.use_temperature else None
     rule = ExitRule(exits, allowed=ee_params.exit_layers, measure=ee_params.confidence,
-                    threshold=ee_params.early_exit_thres, decay=ee_params.threshold_decay, temperature=temperature)
+                    threshold=ee_params.early_exit_thres, decay=ee_params.threshold_decay, temperature=temperature,
+                    estimator_floor=ee_params.estimator_floor)
     return rule if ee_params.use_early_exit and exits else None
 
 
