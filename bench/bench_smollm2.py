@@ -54,6 +54,8 @@ def parse(argv):
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
     p.add_argument("--measures", nargs="+", default=["top1"])
     p.add_argument("--exit-layers", type=int, nargs="*", default=[], help="Exits that may fire (default all).")
+    p.add_argument("--estimator-floors", type=float, nargs="*", default=[],
+                   help="Also run each logit measure with these estimator floors (exits tuned with --exit-estimator).")
     p.add_argument("--draft-exits", type=int, nargs="*", default=None, help="Default: every exit.")
     p.add_argument("--k", type=int, nargs="+", default=[2, 4], help="Drafted tokens per speculative round.")
     p.add_argument("--no-hf", action="store_true", help="Skip the Hugging Face runner.")
@@ -161,10 +163,13 @@ def _runners(ns, engine, model, hf) -> list[Runner]:
     if hf is not None:
         runners.append(Runner("Hugging Face generate", "hf", _hf(hf, ns.tokens, model.tokenizer.eod)))
     for measure in ns.measures:
-        for thr in ns.thresholds:
-            ee = EarlyExitParams(use_early_exit=True, early_exit_thres=thr, confidence=measure,
-                                 exit_layers=list(ns.exit_layers))
-            runners.append(Runner(f"early exit {measure} >= {thr}", "early_exit", _ours(engine, ee, ns.tokens), ee))
+        floors = [None] + ([f for f in ns.estimator_floors] if measure != "estimator" else [])
+        for floor in floors:
+            for thr in ns.thresholds:
+                ee = EarlyExitParams(use_early_exit=True, early_exit_thres=thr, confidence=measure,
+                                     exit_layers=list(ns.exit_layers), estimator_floor=floor)
+                name = f"early exit {measure} >= {thr}" + ("" if floor is None else f", estimator >= {floor}")
+                runners.append(Runner(name, "early_exit", _ours(engine, ee, ns.tokens), ee))
     for layer in (exits[:-1] if ns.draft_exits is None else ns.draft_exits):
         for k in ns.k:
             ee = EarlyExitParams(decoding="speculative", draft_exit_layer=layer, num_speculative_tokens=k)
