@@ -105,6 +105,8 @@ def main(argv=None) -> int:
     engine = InferenceEngine(model.chunks, model.state, model.tokenizer, model.run.model, model.run.early_exit)
     first = model.state.rank == 0
     docs = generate_documents(engine, model.tokenizer, prompts, ns, log=print if first else (lambda *_: None))
+    if not docs:
+        raise ValueError(f"--max-minutes {ns.max_minutes}: no continuation was generated in that time; allow more")
     if first:
         eod = model.tokenizer.eod if ns.append_eod else None
         out = write_documents(ns.output_prefix, docs, model.tokenizer.vocab_size, eod)

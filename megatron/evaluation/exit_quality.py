@@ -195,6 +195,7 @@ def measure_costs(model, *, context: int = 128, exit_vocab_size: int | None = No
     estimator_s = 0.0
     if estimator_layer is not None:
         estimator_s = _median_time(lambda: torch.sigmoid(model.exit_estimate(estimator_layer, h)), repeats)
+    context = max(1, min(context, model.config.max_positions - 1))  # learned positions bound the context
     ids = torch.randint(0, model.config.vocab_size, (1, context + 1), device=weight.device)
     kv = InferenceParams(1, context + 1)
 
