@@ -54,7 +54,8 @@ def error_line(exc: BaseException, prog: str | None = None) -> str:
 
 def run_cli(main: Callable, argv: list[str] | None = None, prog: str | None = None) -> int:
     """``main(argv)``'s exit status (0 unless it returns an int); a user error prints :func:`error_line` and
-    returns 2."""
+    returns 2. After a normal return the default process group, if one is open, is closed on every rank
+    together (:func:`_leave_process_group`)."""
     try:
         status = main(argv)
     except Exception as exc:  # noqa: BLE001 - only user errors are caught; the rest re-raise below
@@ -62,4 +63,17 @@ def run_cli(main: Callable, argv: list[str] | None = None, prog: str | None = No
             raise
         print(error_line(exc, prog), file=sys.stderr, flush=True)
         return 2
+    _leave_process_group()
     return status if isinstance(status, int) else 0
+
+
+def _leave_process_group() -> None:
+    """After a ``main`` that returned on every rank: wait for the others, then close the default process
+    group. Ranks that simply exit tear their gloo connections down while a peer's background thread may
+    still read from them, which aborts that peer (SIGABRT) at random; a closed group has no such thread.
+    Nothing to do when ``main`` closed it already (training does) or never opened one."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
