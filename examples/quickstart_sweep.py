@@ -67,8 +67,9 @@ def verdict(result: dict, num_layers: int, min_equal: float = 0.9) -> str:
                                        f"{best['speedup']:.2f}x)")
     return (f"early exit does not pay on this model in this run: no threshold where tokens leave early is faster "
             f"than full depth by {MARGIN:.2f}x or more with {pct} of the tokens equal{fastest}. On a model this small an exit's vocabulary projection costs about as "
-            f"much as the layers it saves and per-step overheads dominate; README.md's decoding table shows where "
-            f"it pays: SmolLM2-135M with exits tuned to agree with the model (examples/ee_tuning/smollm2_cpu.sh)")
+            f"much as the layers it saves and per-step overheads dominate. README.md's section 'Early exit on a "
+            f"real LLM' measures it on SmolLM2-135M with exits tuned to agree with the model "
+            f"(examples/ee_tuning/smollm2_cpu.sh)")
 
 
 def table(result: dict, examples: dict, prompt: str, num_layers: int, exit_layers: list[int]) -> str:
