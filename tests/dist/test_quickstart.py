@@ -82,7 +82,8 @@ def test_quickstart_trains_sweeps_and_leaves_a_servable_checkpoint(tmp_path):
     assert points[0.0]["mean_exit_layer"] == 2.0 and points[0.0]["exit_share"] == {"2": 1.0}
     assert points[1.0]["mean_exit_layer"] > points[0.0]["mean_exit_layer"]
     assert table["full_depth"]["mean_exit_layer"] == 6.0 and table["full_depth"]["agreement"] == 1.0
-    assert re.search(r"^ +0\.00 +\d+\.\d +\d+\.\d\dx +2\.00 +\d+\.\d% +100/0/0$", log, re.M), log[-2000:]
+    # a row may end in a timing note ("slower than full depth"): tokens/s of a tiny run is noise
+    assert re.search(r"^ +0\.00 +\d+\.\d +\d+\.\d\dx +2\.00 +\d+\.\d% +100/0/0(  \(.+\))?$", log, re.M), log[-2000:]
     assert table["config"]["prompts"] == ["And Moses said", "In the beginning"]
     assert "continuations of 'And Moses said':" in log
 
