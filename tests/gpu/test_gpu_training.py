@@ -5,7 +5,8 @@ GPU are layout-independent, and the RNG tracker's CUDA stream neither repeats no
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training_parity import tiny_argv  # tests/dist, put on the path by conftest.py
+
+from megatron.testing.training import tiny_argv
 
 from megatron.config import EarlyExitConfig, ModelConfig
 from megatron.core import tensor_parallel as tpl
