@@ -19,4 +19,3 @@ def plain_attention(q, k, v, keep=None):
     scores = (q @ k.transpose(-1, -2)) / d ** 0.5
     out = scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v
     return out.permute(2, 0, 1, 3).reshape(s_q, b, heads * d)
-
