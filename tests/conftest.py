@@ -1,4 +1,17 @@
-"""Suite-wide set-up.
+"""Suite-wide set-up and the fixtures every rung can use.
+
+Fixtures (request one by name, or for a whole module with
+``pytestmark = pytest.mark.usefixtures("one_thread")``):
+
+- ``one_thread`` (module scope): one intra-op thread while the module's tests run (the number before is
+  restored after). Tiny models only lose from a second thread: on busy shared cores, OpenMP threads spin
+  against each other and make small ops several times slower.
+- ``served`` (module scope): the real inference server (``megatron/testing/server.py``) over the tiny
+  random-weights model of ``megatron.testing.server.FLAGS`` (exits at layers 1 and 3), on a free loopback
+  port in a thread of this process, with one intra-op thread; yields the started server (``.url``).
+
+Shared helpers that are not fixtures (tiny configs, engines, oracles, argv builders) live in
+``megatron/testing/``; ``tests/gpu/conftest.py`` adds the GPU rung's fixtures.
 
 The CPU suite hides CUDA (``CUDA_VISIBLE_DEVICES=""``, before torch is imported) so that it runs the same
 on a GPU machine: its multi-process tests fork gloo workers, which cannot use a GPU their parent has
@@ -16,4 +29,25 @@ import os
 if os.environ.get("EE_MEGATRON_GPU_TESTS") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
 import torch._dynamo  # noqa: E402, F401
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module's tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def served(one_thread):
+    """The tiny model's server (``megatron.testing.server.start_server()``), for the module's tests."""
+    from megatron.testing.server import start_server
+
+    srv, _ = start_server()
+    yield srv
+    srv.stop()

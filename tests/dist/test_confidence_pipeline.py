@@ -10,9 +10,12 @@ from megatron.core.parallel_state import ParallelDims, ParallelState
 from megatron.testing.distributed import run_distributed
 from megatron.text_generation.generation import generate_tokens
 
-from tests.unit.test_confidence_generation import THRES, TOKENS
-from tests.unit.test_generation_common import PROMPTS, configs, engine, exits, greedy
-from tests.unit.test_speculative import one_thread  # noqa: F401 -- autouse: one intra-op thread here too
+from megatron.testing.generation import CONFIDENCE_THRES as THRES
+from megatron.testing.generation import CONFIDENCE_TOKENS as TOKENS
+from megatron.testing.generation import PROMPTS, configs, engine, exits, greedy
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
 CASES = [  # (measure, method, threshold_decay, exit_layers)
     ("margin", "recompute", None, []),

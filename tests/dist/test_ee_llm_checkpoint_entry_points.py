@@ -20,7 +20,7 @@ from megatron.text_generation.engine import InferenceEngine
 from megatron.text_generation.generation import generate
 from megatron.text_generation.server import InferenceServer, worker_loop
 from megatron.text_generation.server_launch import make_service, model_info, server_args
-from test_training_parity import run_main, tiny_argv
+from megatron.testing.training import run_main, tiny_argv
 from tools.checkpoint.megatron_io import configs_from_checkpoint_args
 
 PP = 4

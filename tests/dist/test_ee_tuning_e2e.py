@@ -17,7 +17,7 @@ import torch
 from megatron.checkpoint import checkpoint_file, read_file
 from megatron.testing.distributed import run_distributed
 from pretrain_early_exit_gpt import main
-from test_training_parity import run_main
+from megatron.testing.training import run_main
 
 transformers = pytest.importorskip("transformers")
 

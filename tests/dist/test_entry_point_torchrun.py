@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from megatron.checkpoint import read_tracker
-from test_training_parity import tiny_argv
+from megatron.testing.training import tiny_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENTRY = os.path.join(ROOT, "pretrain_early_exit_gpt.py")

@@ -7,7 +7,7 @@ import pytest
 from megatron.core.parallel_state import ParallelDims, ParallelState
 from megatron.testing.distributed import run_distributed
 
-from tests.unit.test_evaluation_common import make_lm
+from megatron.testing.evaluation import make_lm
 
 REQUESTS = [("1 2 3", " 4 5"), ("7 8", " 9"), ("", " 12 13"), ("3 3 3 3", " 3")]
 GEN = [("1 2 3", {"max_gen_toks": 3}), ("7 8", {"max_gen_toks": 3}), ("30", {"max_gen_toks": 3})]

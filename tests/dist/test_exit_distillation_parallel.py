@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from megatron.config import EarlyExitConfig, ModelConfig
+from megatron.config import EarlyExitConfig
 from megatron.core.distributed.finalize import late_params
 from megatron.core.distributed.grad_buffer import GradBuffers
 from megatron.core.parallel_state import ParallelDims, ParallelState
@@ -17,15 +17,11 @@ from megatron.core.tensor_parallel import gather_full_tensor
 from megatron.model import EarlyExitGPTModel
 from megatron.model.partition import partition as make_partition
 from megatron.testing.distributed import run_distributed
+from megatron.testing.pipeline import LAYERS, MBS, SEQ, VOCAB, model_config
 from megatron.training.forward_backward import ScheduleOptions, activation_shape, build_schedule, forward_backward
 from megatron.training.setup import is_exit_param
 
-SEQ, MBS, VOCAB, LAYERS, M = 8, 2, 60, 8, 3
-ARCH = {
-    "gpt": dict(normalization="LayerNorm", position_embedding_type="learned_absolute"),
-    "llama": dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", num_query_groups=2,
-                  add_bias_linear=False, untie_embeddings_and_output_weights=True, ffn_hidden_size=48),
-}
+M = 3
 OBJECTIVE = dict(exit_layer_nums=[2, 5, 8], exit_layer_weight=[0.3, 0.6, 0.9], exit_layer_temperature=[1.5, 1.0, 1.0],
                  use_exit_norm=True, use_exit_linear=True, exit_estimator=True, exit_estimator_hidden=8,
                  exit_estimator_loss_weight=0.7, exit_distillation_weight=0.6, exit_distillation_top_k=6,
@@ -34,10 +30,7 @@ TEACHER = ScheduleOptions(tune_exit=True, teacher=True)
 
 
 def configs(arch, sp=False, **ee):
-    model = ModelConfig(num_layers=LAYERS, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB,
-                        make_vocab_size_divisible_by=16, seq_length=SEQ, hidden_dropout=0.0, attention_dropout=0.0,
-                        sequence_parallel=sp, seed=11, **ARCH[arch])
-    return model, EarlyExitConfig(**{**OBJECTIVE, **ee})
+    return model_config(arch, sp), EarlyExitConfig(**{**OBJECTIVE, **ee})
 
 
 def microbatch(mb):

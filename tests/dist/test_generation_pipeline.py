@@ -11,7 +11,7 @@ from megatron.testing.distributed import run_distributed
 from megatron.text_generation.generation import generate, generate_tokens
 from megatron.text_generation.request import EarlyExitParams, GenerationRequest, SamplingParams
 
-from tests.unit.test_generation_common import (
+from megatron.testing.generation import (
     PROMPTS, assert_cache_prefix, cache_snapshot, configs, engine, exits, greedy, oracle_greedy, reference_cache,
 )
 

@@ -13,8 +13,8 @@ from megatron.text_generation.generation import generate_tokens
 from megatron.text_generation.request import EarlyExitParams, SamplingParams
 from megatron.text_generation.runner import StageRunner
 
-from tests.unit.test_generation_common import PROMPTS, configs, engine, exits, greedy
-from tests.unit.test_speculative import spec
+from megatron.testing.generation import PROMPTS, configs, engine, exits, greedy
+from megatron.testing.generation import spec
 
 REQUESTS = {  # name -> (prompts, sampling, early-exit params, the step (on the failing stage) that raises)
     "full": (PROMPTS, greedy(5), EarlyExitParams(), 2),

@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron.config import EarlyExitConfig, ModelConfig
+from megatron.config import EarlyExitConfig
 from megatron.core.distributed.finalize import TiedGroups, reduce_tied_grads
 from megatron.core.parallel_state import ParallelDims, ParallelState
 from megatron.core.tensor_parallel import allreduce_sequence_parallel_grads, gather_full_tensor
 from megatron.core.transformer import InferenceParams
 from megatron.model import EarlyExitGPTModel
 from megatron.testing.distributed import run_distributed
+from megatron.testing.models import tiny_config
 
 ARCHS = {
     "gpt": dict(normalization="LayerNorm", position_embedding_type="learned_absolute"),
@@ -45,9 +46,8 @@ RECOMPUTE = [dict(), dict(recompute_granularity="full", recompute_method="unifor
 
 
 def _configs(arch, i, sp):
-    c = ModelConfig(**RECOMPUTE[i % 3], num_layers=3, hidden_size=32, num_attention_heads=8, vocab_size=100,
-                    make_vocab_size_divisible_by=32, seq_length=8, hidden_dropout=0.0, attention_dropout=0.0,
-                    sequence_parallel=sp, seed=3, **ARCHS[arch])
+    c = tiny_config(None, **RECOMPUTE[i % 3], num_layers=3, num_attention_heads=8, vocab_size=100,
+                    make_vocab_size_divisible_by=32, seq_length=8, sequence_parallel=sp, seed=3, **ARCHS[arch])
     variant = dict(EE_VARIANTS[i])
     variant.setdefault("exit_layer_nums", [1, 3])
     return c, EarlyExitConfig(**variant)

@@ -9,7 +9,6 @@ forward goes and where its backward runs), tied copies summed, all dp replicas' 
 import pytest
 import torch
 
-from megatron.config import EarlyExitConfig, ModelConfig
 from megatron.core.distributed.finalize import TiedGroups, late_params
 from megatron.core.distributed.grad_buffer import GradBuffers
 from megatron.core.parallel_state import ParallelDims, ParallelState
@@ -17,6 +16,7 @@ from megatron.core.tensor_parallel import gather_full_tensor
 from megatron.model import EarlyExitGPTModel
 from megatron.model.partition import partition as make_partition
 from megatron.testing.distributed import run_distributed
+from megatron.testing.pipeline import EXITS, LAYERS, MBS, SEQ, configs, microbatch
 from megatron.training.forward_backward import (
     ScheduleOptions,
     activation_shape,
@@ -24,34 +24,6 @@ from megatron.training.forward_backward import (
     forward_backward,
     gpt_forward_step,
 )
-
-SEQ, MBS, VOCAB, LAYERS = 8, 2, 60, 8
-ARCH = {
-    "gpt": dict(normalization="LayerNorm", position_embedding_type="learned_absolute"),
-    "llama": dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", num_query_groups=2,
-                  add_bias_linear=False, untie_embeddings_and_output_weights=True, ffn_hidden_size=48),
-}
-EXITS = dict(
-    tied=dict(exit_layer_nums=[2, 5, 8], exit_layer_weight=[0.3, 0.6, 0.9], use_exit_norm=True),
-    untied=dict(exit_layer_nums=[3, 6, 8], exit_layer_weight=[0.5, 0.25, 1.0], untie_exit_output_weights=True,
-                use_exit_mlp=True),
-    pre=dict(exit_layer_nums=[3, 5, 7], exit_layer_weight=[0.4, 0.4, 0.2], pre_exit=True, use_exit_block=True),
-)
-
-
-def configs(arch, exits, sp=False):
-    model = ModelConfig(num_layers=LAYERS, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB,
-                        make_vocab_size_divisible_by=16, seq_length=SEQ, hidden_dropout=0.0, attention_dropout=0.0,
-                        sequence_parallel=sp, seed=11, **ARCH[arch])
-    return model, EarlyExitConfig(**EXITS[exits])
-
-
-def microbatch(dp_rank, mb):
-    g = torch.Generator().manual_seed(100 * dp_rank + mb)
-    text = torch.randint(0, VOCAB, (MBS, SEQ + 1), generator=g)
-    mask = (torch.rand(MBS, SEQ, generator=g) > 0.2).float()
-    return {"tokens": text[:, :-1], "labels": text[:, 1:], "loss_mask": mask}
-
 
 def reference(model_cfg, ee, part, schedule, dp):
     """Grads per (stage, chunk, name) and mean losses, one process, tp = 1."""

@@ -22,9 +22,9 @@ from megatron.core.tensor_parallel.random import model_parallel_seed
 from megatron.model import EarlyExitGPTModel
 from megatron.model.partition import partition as make_partition
 from megatron.testing.distributed import run_distributed
+from megatron.testing.pipeline import LAYERS, MBS, SEQ, configs, microbatch
 from megatron.training.forward_backward import ScheduleOptions, activation_shape, build_schedule, forward_backward
 from megatron.training.setup import is_exit_param
-from test_pipeline_gpt import LAYERS, MBS, SEQ, configs, microbatch
 
 MODES = {  # name: (model flags, free sent outputs)
     "none": ({}, True),

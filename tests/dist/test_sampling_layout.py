@@ -11,9 +11,10 @@ from megatron.testing.distributed import run_distributed
 from megatron.text_generation.generation import generate_tokens
 from megatron.text_generation.request import EarlyExitParams, SamplingParams
 
-from tests.unit.test_generation_common import PROMPTS, configs, engine, exits
-from tests.unit.test_speculative import one_thread  # noqa: F401 -- autouse: one intra-op thread here too
-from tests.unit.test_speculative import spec
+from megatron.testing.generation import PROMPTS, configs, engine, exits, spec
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
 SAMPLED = [SamplingParams(tokens_to_generate=6, top_k=10, random_seed=5),
            SamplingParams(tokens_to_generate=6, top_p=0.9, temperature=1.3, random_seed=11)]

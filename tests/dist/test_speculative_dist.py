@@ -13,14 +13,16 @@ from megatron.text_generation.messages import MODE_VERIFY
 from megatron.text_generation.generation import generate_tokens
 from megatron.text_generation.request import EarlyExitParams, SamplingParams
 
-from tests.unit.test_generation_common import (
-    PROMPTS, assert_cache_prefix, cache_snapshot, configs, engine, greedy, reference_cache,
+from megatron.testing.generation import (
+    PROMPTS, assert_cache_prefix, cache_snapshot, chi_square_pvalue, configs, engine, greedy, random_prompts,
+    reference_cache, spec, tiny_vocab_engine,
 )
-from tests.unit.test_speculative import one_thread  # noqa: F401 -- autouse: one intra-op thread here too
-from tests.unit.test_speculative import _prompts, _tiny_vocab_engine, chi_square_pvalue, spec
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
 EXITS = (1, 2, 3)
-MANY = _prompts(8, seed=5)
+MANY = random_prompts(8, seed=5)
 SAMPLED = SamplingParams(tokens_to_generate=5, top_k=8, random_seed=9)
 TINY_PROMPT, TINY_ROWS = [3, 7, 1], 1500
 
@@ -52,7 +54,7 @@ def _worker(rank, world, tp, pp, layers):
     out = _greedy_runs(engine(*configs("gpt", exits=EXITS), state=state), layers)
     if pp == 2 and tp == 1:
         out["kv"] = _kv_run(state)
-        tiny = _tiny_vocab_engine(state)
+        tiny = tiny_vocab_engine(state)
         out["tiny"] = generate_tokens(tiny, [TINY_PROMPT] * TINY_ROWS, SamplingParams(tokens_to_generate=2,
                                                                                       random_seed=3), spec(2)).tokens
     return out
@@ -89,7 +91,7 @@ def _check_kv(results):
 
 def _check_distribution(rows):
     """pp = 2, the draft exit on stage 0: the drafts' distributions travel to stage 1 for the verdict."""
-    eng = _tiny_vocab_engine()
+    eng = tiny_vocab_engine()
     with torch.no_grad():
         out = eng.model(torch.tensor([TINY_PROMPT]))
     p = torch.softmax(out.output[0, -1, :12].float(), dim=-1)

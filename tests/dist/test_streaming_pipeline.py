@@ -8,8 +8,8 @@ from megatron.testing.distributed import run_distributed
 from megatron.text_generation.generation import generate
 from megatron.text_generation.request import EarlyExitParams, GenerationRequest
 
-from tests.unit.test_generation_common import PROMPTS, configs, engine, exits, greedy
-from tests.unit.test_speculative import spec
+from megatron.testing.generation import PROMPTS, configs, engine, exits, greedy
+from megatron.testing.generation import spec
 
 MODES = {"full": EarlyExitParams(), "A": exits(0.3, "recompute"), "B": exits(0.3, "pipeline"),
          "speculative": spec(2, 1)}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron.checkpoint import checkpoint_file
-from test_training_parity import run_main, tiny_argv
+from megatron.testing.training import run_main, tiny_argv
 
 # The base model learns the mock data's Markov chain in its final head; its exits do not train (weight 0),
 # so exit 1 starts far from the final head.

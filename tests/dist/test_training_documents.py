@@ -2,7 +2,7 @@
 entry point: the per-microbatch masks built as the schedule consumes them give a pp = 2 run the losses of
 the one-process run, and the flags do change the numbers (issue 14, item 10)."""
 
-from test_training_parity import NO_DROPOUT, logged_losses, run_main, tiny_argv
+from megatron.testing.training import NO_DROPOUT, logged_losses, run_main, tiny_argv
 
 DOCUMENTS = ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
 

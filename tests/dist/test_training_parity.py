@@ -1,59 +1,11 @@
 """The training entry point end to end in gloo worlds: layout parity of the logged losses, the distributed
-optimizer against the plain one, and learning on structured mock data.
-
-``tiny_argv`` / ``run_main`` / ``logged_losses`` are shared with the other ``test_training_*`` files.
-"""
-
-import re
+optimizer against the plain one, and learning on structured mock data (``tiny_argv``, ``run_main``,
+``logged_losses``: ``megatron/testing/training.py``)."""
 
 import pytest
 
-from megatron.testing.distributed import run_distributed
-from pretrain_early_exit_gpt import main
-
-TINY = {
-    "--num-layers": 4, "--hidden-size": 32, "--num-attention-heads": 4, "--seq-length": 16,
-    "--micro-batch-size": 2, "--global-batch-size": 8, "--lr": 1e-3, "--vocab-size": 64,
-    "--make-vocab-size-divisible-by": 16, "--exit-layer-nums": "1 3", "--exit-layer-weight": "0.3 0.5",
-    "--log-interval": 1, "--eval-iters": 0, "--num-workers": 0, "--train-iters": 4,
-}
-
-
-def tiny_argv(*flags, **overrides) -> list[str]:
-    """Argv of a tiny early-exit run on mock data; ``overrides`` by flag name with underscores
-    (``train_iters=6``), ``None`` drops a flag; ``flags`` are appended verbatim (switches)."""
-    values = dict(TINY)
-    for name, value in overrides.items():
-        values[f"--{name.replace('_', '-')}"] = value
-    argv = ["--mock-data"]
-    for flag, value in values.items():
-        if value is not None:
-            argv += [flag, *str(value).split()]
-    return argv + list(flags)
-
-
-def _worker(rank, world, argv):
-    return main(argv)
-
-
-def run_main(world: int, argv: list[str], timeout: float = 120):
-    """``main(argv)`` on ``world`` gloo ranks; the per-rank TrainResults."""
-    return run_distributed(_worker, world, argv, timeout=timeout)
-
-
-_LOSS = re.compile(r" ((?:lm|early) loss(?: \[\d+\])?): ([-+.\dE]+) \|")
-
-
-def logged_losses(result) -> list[dict[str, float]]:
-    """Losses parsed back from the console lines (``--log-interval 1``) the reporting rank printed."""
-    return [{k: float(v) for k, v in _LOSS.findall(line)} for line in result.lines if line.startswith(" iteration")]
-
-
-def _close(a: dict, b: dict, rtol: float) -> bool:
-    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= rtol * abs(b[k]) for k in a)
-
-
-NO_DROPOUT = dict(hidden_dropout=0, attention_dropout=0)
+from megatron.testing.training import NO_DROPOUT, TINY, logged_losses, run_main, tiny_argv
+from megatron.testing.training import losses_close as _close
 
 
 @pytest.mark.parametrize("world, layout", [

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from megatron.core.pipeline_parallel.schedules import early_exit_bubble_filling
-from test_training_parity import logged_losses, run_main, tiny_argv
+from megatron.testing.training import logged_losses, run_main, tiny_argv
 
 RECOMPUTE = {
     "full": ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],

@@ -11,7 +11,7 @@ from megatron.optimizer import MixedPrecisionOptimizer
 from megatron.testing.distributed import DistributedTestError, run_distributed
 from megatron.checkpoint import read_tracker
 from pretrain_early_exit_gpt import main
-from test_training_parity import run_main, tiny_argv
+from megatron.testing.training import run_main, tiny_argv
 
 # Dropout stays on (0.1) and the exit weights warm up: resuming must restore the RNG streams and
 # recompute the weights from the iteration.

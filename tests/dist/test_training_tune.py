@@ -10,7 +10,7 @@ import torch
 
 from megatron.checkpoint import checkpoint_file, read_tracker
 from megatron.testing.distributed import DistributedTestError
-from test_training_parity import run_main, tiny_argv
+from megatron.testing.training import run_main, tiny_argv
 
 MODEL = dict(exit_layer_nums="1", exit_layer_weight="0.5", pipeline_model_parallel_size=2, train_iters=2,
              save_interval=2)

@@ -7,22 +7,19 @@ needing two GPUs or more); the CPU suite hides CUDA (``tests/conftest.py``), so 
 the comparisons are then CPU against CPU and prove nothing about CUDA, but the rung itself is checked
 to run end to end on a machine without a GPU.
 
-The tiny runs reuse the gloo parity tests' argv builder and harness (``tests/dist/test_training_parity.py``)
-and the fp32 references of ``tests/unit/test_attention_kernels.py``.
+The tiny runs reuse the gloo parity tests' argv builder and harness (``megatron/testing/training.py``)
+and the fp32 attention reference of the unit tests (``megatron/testing/attention.py``).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-for folder in ("dist", "unit"):  # test_training_parity (tiny_argv, ...), test_attention_kernels (references)
-    sys.path.append(str(HERE.parent / folder))
 
 MODE = os.environ.get("EE_MEGATRON_GPU_TESTS")
 DRY_RUN = MODE == "cpu"

@@ -5,7 +5,8 @@ position restored)."""
 import argparse
 
 import torch
-from test_training_parity import tiny_argv
+
+from megatron.testing.training import tiny_argv
 
 from megatron.checkpoint import load_checkpoint, save_checkpoint
 from megatron.config import EarlyExitConfig, ModelConfig

@@ -5,10 +5,10 @@ and torch's fused RMSNorm against the formula."""
 
 import pytest
 import torch
-from test_attention_kernels import plain_attention  # tests/unit's fp32 reference
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron.core.transformer import core_attention
+from megatron.testing.attention import plain_attention  # the fp32 reference of tests/unit/test_attention_kernels.py
 from megatron.core.transformer.attention import _flash_attn_func
 from megatron.core.transformer.norms import rms_norm
 

@@ -3,9 +3,11 @@ one process, and the distributed optimizer follows the plain one at dp 2 -- the 
 harness (``run_distributed``) and workers, with the NCCL backend."""
 
 import pytest
-from test_training_parity import NO_DROPOUT, _close, _worker, logged_losses, tiny_argv
 
 from megatron.testing.distributed import run_distributed
+from megatron.testing.training import NO_DROPOUT, logged_losses, tiny_argv
+from megatron.testing.training import losses_close as _close
+from megatron.testing.training import main_worker as _worker
 
 
 @pytest.fixture

@@ -5,14 +5,15 @@ GPU are layout-independent, and the RNG tracker's CUDA stream neither repeats no
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training_parity import tiny_argv  # tests/dist, put on the path by conftest.py
 
-from megatron.config import EarlyExitConfig, ModelConfig
+from megatron.config import EarlyExitConfig
 from megatron.core import tensor_parallel as tpl
 from megatron.core.parallel_state import ParallelDims, ParallelState
 from megatron.core.pipeline_parallel.runtime import StepLosses
 from megatron.core.transformer import SeededInit
 from megatron.model import EarlyExitGPTModel
+from megatron.testing.models import tiny_config
+from megatron.testing.training import tiny_argv
 from pretrain_early_exit_gpt import main
 
 # A small early-exit Llama: RMSNorm, SwiGLU, RoPE, grouped KV heads, untied head; the CPU's weights.
@@ -40,10 +41,8 @@ def test_bf16_step_equals_the_cpu_fp32_step(device_flag):
 
 
 def _tiny_model(device, dtype=torch.float32):
-    cfg = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, vocab_size=128,
-                      make_vocab_size_divisible_by=64, seq_length=32, normalization="RMSNorm", swiglu=True,
-                      position_embedding_type="rope", add_bias_linear=False, hidden_dropout=0.0,
-                      attention_dropout=0.0, untie_embeddings_and_output_weights=True, params_dtype=dtype)
+    cfg = tiny_config("llama", hidden_size=64, ffn_hidden_size=None, vocab_size=128, make_vocab_size_divisible_by=64,
+                      seq_length=32, params_dtype=dtype)
     return EarlyExitGPTModel(cfg, EarlyExitConfig(exit_layer_nums=[2]), state=ParallelState.single(device))
 
 

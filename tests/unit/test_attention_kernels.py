@@ -8,19 +8,7 @@ import torch
 
 from megatron.core.transformer import RMSNorm, core_attention
 from megatron.core.transformer.norms import rms_norm
-
-
-def plain_attention(q, k, v, keep=None):
-    """The reference: K/V repeated per query head, an explicit boolean mask (True = attend), end-aligned."""
-    s_q, b, heads, d = q.shape
-    s_k, groups = k.shape[0], k.shape[2]
-    if keep is None:
-        keep = torch.ones(s_q, s_k, dtype=torch.bool).tril(diagonal=s_k - s_q)
-    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-    k, v = (t.repeat_interleave(heads // groups, dim=1) for t in (k, v))
-    scores = (q @ k.transpose(-1, -2)) / d ** 0.5
-    out = scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v
-    return out.permute(2, 0, 1, 3).reshape(s_q, b, heads * d)
+from megatron.testing.attention import plain_attention
 
 
 def _qkv(s_q, s_k, heads, groups, b=2, d=8, seed=0):

@@ -13,7 +13,9 @@ from megatron.checkpoint.load import load_args_from_checkpoint
 from megatron.config import ConfigError, EarlyExitConfig
 from megatron.data.indexed_dataset import write_dataset
 from megatron.model.state_dict_sharding import full_state_dict_specs
-from test_ckpt_tools_exits import cfg_of, convert, write
+from megatron.testing.checkpoints import run_converter as convert
+from megatron.testing.checkpoints import tool_config as cfg_of
+from megatron.testing.checkpoints import write_checkpoint as write
 from tools.checkpoint import util
 from tools.checkpoint.cli import save_megatron
 from tools.checkpoint.megatron_io import Layout, ModelCheckpoint, read_megatron

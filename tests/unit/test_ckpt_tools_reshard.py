@@ -9,13 +9,15 @@ import types
 import pytest
 import torch
 
-from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
+from megatron.config import ConfigError, EarlyExitConfig
 from megatron.core.parallel_state import ParallelState
 from megatron.model.early_exit_gpt_model import EarlyExitGPTModel
 from megatron.model.partition import partition
 from megatron.model.state_dict_sharding import full_state_dict_specs, shard_state_dict
 from megatron.checkpoint import CheckpointError, load_checkpoint
 from megatron.checkpoint import checkpoint_file, read_file
+from megatron.testing.checkpoints import tool_config
+from megatron.testing.models import tiny_config
 from tools.checkpoint import util
 from tools.checkpoint.cli import run_cli, save_megatron
 from tools.checkpoint.megatron_io import Layout, ModelCheckpoint, read_megatron
@@ -23,15 +25,12 @@ from tools.checkpoint.verify import full_logits
 
 
 def llama_cfg():
-    return ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=32,
-                       seq_length=8, vocab_size=60, padded_vocab_size=64, normalization="RMSNorm", swiglu=True,
-                       position_embedding_type="rope", add_bias_linear=False, untie_embeddings_and_output_weights=True,
-                       hidden_dropout=0.0, attention_dropout=0.0)
+    return tiny_config("llama", num_attention_heads=8, num_query_groups=4, ffn_hidden_size=32, seq_length=8,
+                       vocab_size=60, padded_vocab_size=64)
 
 
 def gpt_cfg():
-    return ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, seq_length=8,
-                       vocab_size=60, padded_vocab_size=64, hidden_dropout=0.0, attention_dropout=0.0)
+    return tool_config("gpt")
 
 
 VARIANTS = [

@@ -21,15 +21,17 @@ from megatron.text_generation.request import SamplingParams
 from megatron.text_generation.server import GenerationService, InferenceServer, ModelInfo
 from tools.request_client import add_request_flags, early_exit_fields, parse_request_flags, put_api
 
-from tests.unit.test_generation_common import PROMPTS, VOCAB, configs, engine, exits, greedy, oracle_greedy
-from tests.unit.test_speculative import one_thread  # noqa: F401 -- autouse: one intra-op thread here too
+from megatron.testing.generation import CONFIDENCE_THRES as THRES
+from megatron.testing.generation import CONFIDENCE_TOKENS as TOKENS
+from megatron.testing.generation import PROMPTS, VOCAB, configs, engine, exits, greedy, oracle_greedy
 
-NUM_LAYERS, TOKENS = 4, 6
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
+
+NUM_LAYERS = 4
 # the measures of a model's logits and hidden states; the learned "estimator" needs exits tuned with
 # --exit-estimator and is checked against its own reference in test_exit_inference.py
 MEASURES = tuple(m for m in MEASURES if m != "estimator")
-# per measure, a threshold that some exits of the tiny gpt model pass and others do not
-THRES = {"top1": 0.3, "margin": 0.15, "entropy": 0.45, "cosine": 0.7}
+# THRES: per measure, a threshold that some exits of the tiny gpt model pass and others do not
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from megatron.evaluation import HAVE_LM_EVAL, EarlyExitLM, Request
 from megatron.text_generation.confidence import confidence
 
-from tests.unit.test_evaluation_common import (
+from megatron.testing.evaluation import (
     EXITS, NUM_LAYERS, TASK, continuation_logprob, full_logprobs, greedy_oracle, make_lm,
 )
 

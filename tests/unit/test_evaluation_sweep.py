@@ -7,8 +7,7 @@ import pytest
 
 from tools.sweep_thresholds import agreement, main, parse_thresholds, read_prompts
 
-from tests.unit.test_evaluation_common import write_task
-from tests.unit.test_evaluation_tasks import MODEL_FLAGS
+from megatron.testing.evaluation import MODEL_FLAGS, write_task
 
 
 def test_parse_thresholds():

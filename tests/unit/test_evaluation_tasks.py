@@ -10,10 +10,7 @@ import pytest
 from megatron.evaluation import HAVE_LM_EVAL, load_task, run_task
 from megatron.evaluation.__main__ import main
 
-from tests.unit.test_evaluation_common import NUM_LAYERS, TASK, continuation_logprob, make_lm, write_task
-
-MODEL_FLAGS = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --max-position-embeddings 16 "
-               "--exit-layer-nums 1 3 --device cpu --tokenizer-type NullTokenizer --vocab-size 40 --random-weights").split()
+from megatron.testing.evaluation import MODEL_FLAGS, NUM_LAYERS, TASK, continuation_logprob, make_lm, write_task
 
 
 def test_choice_accuracy_matches_direct_loglikelihoods(tmp_path):

@@ -5,9 +5,10 @@ by hand, and each paying for an exit's vocabulary projection only where it must.
 import pytest
 import torch
 
-from megatron.config import EarlyExitConfig, ModelConfig
+from megatron.config import EarlyExitConfig
 from megatron.core.parallel_state import ParallelState
 from megatron.model import EarlyExitGPTModel, inference
+from megatron.testing.models import tiny_config
 from megatron.text_generation.confidence import MEASURES
 from megatron.text_generation.engine import InferenceEngine
 from megatron.text_generation.exit_rule import ExitRule, ExitWalk
@@ -23,19 +24,13 @@ KEEP = torch.tensor(sorted({3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47,
 PROMPT = [5, 17, 33, 2, 60, 8]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
 
 def model(exit_vocab: bool = True, estimator: bool = True, seed: int = 11) -> EarlyExitGPTModel:
-    cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB, make_vocab_size_divisible_by=32,
-                      seq_length=64, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.25, seed=seed,
-                      normalization="RMSNorm", swiglu=True, position_embedding_type="rope", add_bias_linear=False,
-                      ffn_hidden_size=48)
+    cfg = tiny_config(None, vocab_size=VOCAB, make_vocab_size_divisible_by=32, seq_length=64, init_method_std=0.25,
+                      seed=seed, normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+                      add_bias_linear=False, ffn_hidden_size=48)
     ee = EarlyExitConfig(exit_layer_nums=list(EXITS), use_exit_norm=True, use_exit_linear=True, exit_estimator=estimator,
                          exit_vocab_size=len(KEEP) if exit_vocab else 0)
     m = EarlyExitGPTModel(cfg, ee, state=ParallelState.single()).eval()

@@ -15,7 +15,10 @@ from megatron.model.exit_objective import exit_terms, teacher_targets
 from megatron.model.state_dict_sharding import full_state_dict_specs, merge_state_dicts, shard_state_dict
 from megatron.training.forward_backward import ScheduleOptions, build_schedule, forward_backward
 from megatron.training.setup import _freeze_backbone
-from test_model_single import GPT, LLAMA, build_split, cfg, data
+from megatron.testing.models import GPT, LLAMA
+from megatron.testing.models import random_batch as data
+from megatron.testing.models import split_config as cfg
+from megatron.testing.models import split_model as build_split
 
 EXITS = dict(exit_layer_nums=[1, 3], use_exit_norm=True)
 

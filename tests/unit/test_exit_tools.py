@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from megatron.config import EarlyExitConfig, ModelConfig
+from megatron.config import EarlyExitConfig
 from megatron.core.parallel_state import ParallelState
 from megatron.data.indexed_dataset import IndexedDataset
 from megatron.evaluation.exit_quality import DecodeCosts, ExitPredictions, calibration, exit_predictions, project, recommend
 from megatron.model import EarlyExitGPTModel
+from megatron.testing.models import tiny_config
 from tools import generate_tuning_data, measure_exits
 
 MODEL = ("--random-weights --num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 64 "
@@ -19,12 +20,7 @@ MODEL = ("--random-weights --num-layers 4 --hidden-size 32 --num-attention-heads
          "--tokenizer-type NullTokenizer --vocab-size 60 --device cpu").split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
 
 def hand_predictions():
@@ -61,8 +57,7 @@ def test_calibration_bins_confidence_against_agreement():
 
 
 def test_exit_predictions_equal_a_direct_forward():
-    cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=60, make_vocab_size_divisible_by=16,
-                      seq_length=32, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.3, seed=3)
+    cfg = tiny_config(None, vocab_size=60, make_vocab_size_divisible_by=16, seq_length=32, init_method_std=0.3, seed=3)
     model = EarlyExitGPTModel(cfg, EarlyExitConfig(exit_layer_nums=[1, 3], use_exit_norm=True),
                               state=ParallelState.single()).eval()
     seqs, starts = [[1, 2, 3, 4, 5, 6], [7, 8, 9]], [2, 0]

@@ -18,7 +18,7 @@ from megatron.text_generation.generation import generate, generate_tokens
 from megatron.text_generation.request import EarlyExitParams, GenerationRequest, SamplingParams
 from megatron.tokenizer.null import NullTokenizer
 
-from tests.unit.test_generation_common import (
+from megatron.testing.generation import (
     PROMPTS, VOCAB, assert_cache_prefix, cache_snapshot, configs, engine, exits, greedy, oracle_greedy,
     reference_cache,
 )

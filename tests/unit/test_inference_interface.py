@@ -14,9 +14,10 @@ from megatron.text_generation.confidence import Measure
 from megatron.text_generation.generation import generate_tokens
 from megatron.text_generation.request import EarlyExitParams
 
-from tests.unit.test_generation_common import PROMPTS, configs, engine, exits, greedy, oracle_greedy
-from tests.unit.test_speculative import one_thread  # noqa: F401 -- autouse: one intra-op thread here too
+from megatron.testing.generation import PROMPTS, configs, engine, exits, greedy, oracle_greedy
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
 @pytest.fixture
 def projections(monkeypatch):

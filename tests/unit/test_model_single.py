@@ -6,30 +6,16 @@ import re
 import pytest
 import torch
 
-from megatron.config import EarlyExitConfig, ModelConfig
+from megatron.config import EarlyExitConfig
 from megatron.core.distributed.finalize import reduce_tied_grads
 from megatron.core.parallel_state import ParallelState
 from megatron.core.tensor_parallel import model_parallel_seed
 from megatron.core.transformer import InferenceParams
-from megatron.model import EarlyExitGPTModel, partition
-
-GPT = dict(normalization="LayerNorm", swiglu=False, position_embedding_type="learned_absolute")
-LLAMA = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", num_query_groups=2,
-             add_bias_linear=False, untie_embeddings_and_output_weights=True, ffn_hidden_size=48)
-
-
-def cfg(num_layers=4, **kw):
-    base = dict(num_layers=num_layers, hidden_size=32, num_attention_heads=4, vocab_size=100,
-                make_vocab_size_divisible_by=32, seq_length=8, max_position_embeddings=16,
-                hidden_dropout=0.0, attention_dropout=0.0, seed=7)
-    base.update(kw)
-    return ModelConfig(**base)
-
-
-def data(b=2, s=8, vocab=100, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (b, s + 1), generator=g)
-    return ids[:, :-1], ids[:, 1:]
+from megatron.model import EarlyExitGPTModel
+from megatron.testing.models import GPT, LLAMA
+from megatron.testing.models import random_batch as data
+from megatron.testing.models import split_config as cfg
+from megatron.testing.models import split_model as build_split
 
 
 def global_key(model, key):
@@ -56,12 +42,6 @@ def run_chunks(models, ids, labels, weights=None):
     for layer, l in exit_losses.items():
         loss = loss + (1.0 if weights is None else weights[layer]) * l.mean()
     return loss + h.mean(), h, exit_losses
-
-
-def build_split(c, ee, pp, vpp=1, layers_per_stage=None):
-    part = partition(c.num_layers, pp, vpp, ee.exit_layer_nums, layers_per_stage)
-    st = ParallelState.single()
-    return [EarlyExitGPTModel(c, ee, state=st, partition=part, stage=s.stage, chunk=s.chunk) for s in part.all_specs()]
 
 
 EE_VARIANTS = [

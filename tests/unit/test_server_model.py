@@ -7,12 +7,9 @@ import urllib.request
 
 import pytest
 
-from megatron.text_generation.engine import InferenceEngine
+from megatron.testing.server import start_server
 from megatron.text_generation.generation import generate
 from megatron.text_generation.request import parse_api_request
-from megatron.text_generation.server import InferenceServer
-from megatron.checkpoint.model_loader import load_inference_model
-from megatron.text_generation.server_launch import make_service, model_info, server_args
 
 FLAGS = ("--random-weights --num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 64 "
          "--max-position-embeddings 64 --exit-layer-nums 2 --tokenizer-type NullTokenizer --vocab-size 50 "
@@ -21,11 +18,7 @@ FLAGS = ("--random-weights --num-layers 4 --hidden-size 32 --num-attention-heads
 
 @pytest.fixture(scope="module")
 def served():
-    args = server_args(FLAGS)
-    run, state, tokenizer, chunks = load_inference_model(args)
-    engine = InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
-    service = make_service(lambda r: generate(engine, r), state, model_info(args, run, tokenizer))
-    srv = InferenceServer(service, port=0).start()
+    srv, engine = start_server(FLAGS, wrap=lambda engine: lambda r: generate(engine, r))  # not streaming
     yield srv, engine
     srv.stop()
 

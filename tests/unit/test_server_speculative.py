@@ -4,49 +4,14 @@ tiny random-weights model: ``decoding: speculative`` in ``PUT /api`` and (as an 
 fields are 400s naming the field, ``token_pieces`` spell the text, the page and its files are served
 (and nothing else from disk), and the CLI / request client send the new flags."""
 
-import functools
 import json
-import urllib.error
-import urllib.request
 
 import pytest
-import torch
 
-from megatron.text_generation.engine import InferenceEngine
-from megatron.text_generation.generation import generate
-from megatron.text_generation.server import InferenceServer
-from megatron.checkpoint.model_loader import load_inference_model
-from megatron.text_generation.server_launch import make_service, model_info, server_args
+from megatron.testing.server import PROMPT, call
 from tools import request_client, text_generation_cli
 
-FLAGS = ("--random-weights --num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 64 "
-         "--max-position-embeddings 64 --exit-layer-nums 1 3 --tokenizer-type NullTokenizer --vocab-size 50 "
-         "--init-method-std 0.3 --device cpu").split()
-PROMPT = "3 14 15 9 26"
-
-
-@pytest.fixture(scope="module")
-def served():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    args = server_args(FLAGS)
-    run, state, tokenizer, chunks = load_inference_model(args)
-    engine = InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
-    service = make_service(functools.partial(generate, engine), state, model_info(args, run, tokenizer))  # streams
-    srv = InferenceServer(service, port=0).start()
-    yield srv
-    srv.stop()
-    torch.set_num_threads(threads)
-
-
-def call(srv, method, path, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(srv.url + path, data=data, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, resp.headers.get("Content-Type"), resp.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers.get("Content-Type"), e.read().decode()
+# ``served`` (tests/conftest.py): the server over megatron.testing.server.FLAGS' tiny model, exits at 1 and 3
 
 
 def api(srv, **fields):

@@ -16,8 +16,10 @@ from megatron.text_generation.generation import generate
 from megatron.text_generation.server import GenerationService, InferenceServer, ModelInfo
 from megatron.text_generation.streaming import Delta, TextStream
 
-from tests.unit.test_generation_common import configs, engine
-from tests.unit.test_speculative import one_thread  # noqa: F401 -- autouse: one intra-op thread here too
+from megatron.testing.generation import configs, engine
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
 PROMPT = "5 17 33 2 60 8"
 MODES = {"full": {}, "early_exit": {"decoding": "early_exit", "early_exit_thres": 0.3},

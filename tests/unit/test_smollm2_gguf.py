@@ -15,7 +15,7 @@ import torch
 
 from megatron.testing.assets import SMOLLM2_PIP, smollm2_gguf
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 gguf = pytest.importorskip("gguf", reason="the GGUF loader needs it: pip install gguf")
 transformers = pytest.importorskip("transformers", reason="the reference model: pip install transformers")
@@ -35,14 +35,8 @@ PROMPT = ("In the beginning God created the heaven and the earth. And the earth 
 NEW_TOKENS = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding runs many small matmuls: on a busy 2-core machine two OpenMP threads spin against each other and
-    make it ten times slower, while one thread costs little on an idle one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Decoding runs many small matmuls: on a busy 2-core machine two OpenMP threads spin against each other and
+# make it ten times slower, while one thread costs little on an idle one (``one_thread``: tests/conftest.py).
 
 
 @pytest.fixture(scope="module")

@@ -6,41 +6,16 @@ the sampled first tokens distributed as the full model's softmax (chi-square), s
 import pytest
 import torch
 
-from megatron.config import EarlyExitConfig, ModelConfig
 from megatron.text_generation.strategies.acceptance import verify_greedy, verify_sampled
 from megatron.text_generation.generation import generate, generate_tokens
 from megatron.text_generation.request import EarlyExitParams, GenerationRequest, SamplingParams
-
-from tests.unit.test_generation_common import (
-    PROMPTS, VOCAB, assert_cache_prefix, cache_snapshot, configs, engine, greedy, reference_cache,
+from megatron.testing.generation import (
+    PROMPTS, assert_cache_prefix, cache_snapshot, chi_square_pvalue, configs, engine, greedy, random_prompts,
+    reference_cache, spec, tiny_vocab_engine,
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds contention (several times slower on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def spec(k=3, layer=None, **kw):
-    return EarlyExitParams(decoding="speculative", num_speculative_tokens=k, draft_exit_layer=layer, **kw)
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's test of ``counts`` against ``probs``; cells expecting under 5 draws are pooled."""
-    n = counts.sum()
-    expected = probs.double() * n
-    small = expected < 5
-    obs = torch.cat([counts[~small].double(), counts[small].double().sum().view(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
-    keep = exp > 0
-    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
-    df = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
 
 # ------------------------------------------------------------------------------------ acceptance rule
 
@@ -105,17 +80,11 @@ def test_sampled_rule_keeps_the_target_distribution_at_every_committed_position(
 
 # --------------------------------------------------------------------------------- greedy equivalence
 
-def _prompts(count, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, 9, (count,), generator=g).tolist()
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
-
-
 @pytest.mark.parametrize("arch, ee_kw", [("llama", {}), ("gpt", {"use_exit_block": True, "use_exit_norm": True})],
                          ids=["llama", "gpt-exit-block"])
 def test_greedy_speculative_equals_full_depth_on_many_prompts(arch, ee_kw):
     eng = engine(*configs(arch, exits=(1, 3), **ee_kw))
-    prompts = _prompts(12, seed=3)
+    prompts = random_prompts(12, seed=3)
     full = generate_tokens(eng, prompts, greedy(8), EarlyExitParams())
     drafted = accepted = 0
     for k, layer in ((1, 3), (3, 1), (6, 3)):
@@ -153,24 +122,9 @@ def test_kv_cache_of_every_layer_equals_a_full_forward():
 
 # ------------------------------------------------------------------------------------------- sampling
 
-def _tiny_vocab_engine(state=None):
-    """Vocabulary 12, so that a few thousand draws estimate the whole distribution."""
-    from megatron.core.parallel_state import ParallelState
-    from megatron.model import EarlyExitGPTModel
-    from megatron.text_generation.engine import InferenceEngine
-    from megatron.tokenizer.null import NullTokenizer
-
-    cfg = ModelConfig(num_layers=4, hidden_size=16, num_attention_heads=2, vocab_size=12,
-                      make_vocab_size_divisible_by=4, seq_length=16, hidden_dropout=0.0, attention_dropout=0.0,
-                      init_method_std=0.3, seed=5, normalization="RMSNorm", position_embedding_type="rope")
-    ee = EarlyExitConfig(exit_layer_nums=[1])
-    state = state or ParallelState.single()
-    return InferenceEngine([EarlyExitGPTModel(cfg, ee, state=state)], state, NullTokenizer(12), cfg, ee)
-
-
 @pytest.mark.parametrize("sampling_kw", [{}, {"temperature": 0.7, "top_k": 6}], ids=["plain", "tempered-top-k"])
 def test_sampled_first_token_follows_the_full_model(sampling_kw):
-    eng = _tiny_vocab_engine()
+    eng = tiny_vocab_engine()
     prompt, n = [3, 7, 1], 4000
     with torch.no_grad():
         out = eng.model(torch.tensor([prompt]))

@@ -5,9 +5,10 @@ MLP branch, exit block) keeps its dropout while the frozen backbone runs without
 import pytest
 import torch
 
-from megatron.config import EarlyExitConfig, ModelConfig
+from megatron.config import EarlyExitConfig
 from megatron.core.parallel_state import ParallelState
 from megatron.model import EarlyExitGPTModel
+from megatron.testing.models import tiny_config
 from megatron.training.setup import _freeze_backbone, set_train_mode
 
 VARIANTS = {"exit-mlp": dict(use_exit_mlp=True), "exit-block": dict(use_exit_block=True),
@@ -15,9 +16,8 @@ VARIANTS = {"exit-mlp": dict(use_exit_mlp=True), "exit-block": dict(use_exit_blo
 
 
 def _model(tune: bool, **exit_flags) -> EarlyExitGPTModel:
-    config = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64,
-                         make_vocab_size_divisible_by=16, seq_length=8, hidden_dropout=0.5, attention_dropout=0.5,
-                         seed=3)
+    config = tiny_config(None, num_layers=2, vocab_size=64, make_vocab_size_divisible_by=16, seq_length=8,
+                         hidden_dropout=0.5, attention_dropout=0.5, seed=3)
     model = EarlyExitGPTModel(config, EarlyExitConfig(exit_layer_nums=[1], **exit_flags), state=ParallelState.single())
     if tune:
         _freeze_backbone([model])

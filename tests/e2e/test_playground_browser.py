@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.unit.test_server_speculative import PROMPT, served  # noqa: F401 -- the server fixture
+from megatron.testing.server import PROMPT  # ``served``: tests/conftest.py
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install selenium")

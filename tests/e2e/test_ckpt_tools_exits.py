@@ -8,39 +8,17 @@ import sys
 import pytest
 import torch
 
-from megatron.config import ConfigError, EarlyExitConfig, ModelConfig
-from megatron.model.state_dict_sharding import full_state_dict_specs
+from megatron.config import ConfigError, EarlyExitConfig
 from megatron.checkpoint import checkpoint_file, read_file
+from megatron.testing.checkpoints import run_converter as convert
+from megatron.testing.checkpoints import tool_config as cfg_of
+from megatron.testing.checkpoints import write_checkpoint as write
 from tools.checkpoint import checkpoint_converter
-from tools.checkpoint.cli import save_megatron
-from tools.checkpoint.megatron_io import Layout, ModelCheckpoint, read_megatron
+from tools.checkpoint.megatron_io import Layout
 from tools.checkpoint.verify import full_logits
 
 L = "language_model.encoder.layers.{}."
 IDS = torch.randint(0, 60, (2, 8), generator=torch.Generator().manual_seed(1))
-
-
-def cfg_of(kind):
-    if kind == "llama":
-        return ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=32,
-                           seq_length=8, vocab_size=60, padded_vocab_size=64, normalization="RMSNorm", swiglu=True,
-                           position_embedding_type="rope", add_bias_linear=False,
-                           untie_embeddings_and_output_weights=True, hidden_dropout=0.0, attention_dropout=0.0)
-    return ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, seq_length=8,
-                       vocab_size=60, padded_vocab_size=64, hidden_dropout=0.0, attention_dropout=0.0)
-
-
-def write(directory, kind="llama", ee=None, seed=0):
-    cfg, ee = cfg_of(kind), ee or EarlyExitConfig()
-    g = torch.Generator().manual_seed(seed)
-    full = {k: torch.randn(s.shape, generator=g) * 0.3 for k, s in full_state_dict_specs(cfg, ee).items()}
-    save_megatron(str(directory), ModelCheckpoint(full, cfg, ee), Layout(2, 2))
-    return full
-
-
-def convert(src, dst, *flags):
-    checkpoint_converter.main(["--load-dir", str(src), "--save-dir", str(dst), "--load-iteration", "1", *flags])
-    return read_megatron(str(dst))
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt"])

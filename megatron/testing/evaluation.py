@@ -1,19 +1,28 @@
-"""Shared pieces of the evaluation tests: a tiny random early-exit model, its lm-eval adapter, the
-hand-written 5-item multiple-choice task, and oracles computed from the plain full forward."""
+"""The evaluation tests' pieces: a tiny random early-exit model (:data:`NUM_LAYERS` = 4 layers, exits
+:data:`EXITS`, NullTokenizer with :data:`VOCAB` ids) and its lm-eval adapter (:func:`make_lm`, also split
+into pipeline stages in one process or built on a rank's ``ParallelState``), the same model's command-line
+flags (:data:`MODEL_FLAGS`), the hand-written 5-item multiple-choice task (:data:`TASK`,
+:func:`write_task`), and oracles computed from the plain full forward (:func:`full_logprobs`,
+:func:`continuation_logprob`, :func:`greedy_oracle`)."""
+
+from __future__ import annotations
 
 import json
 
 import torch
 
-from megatron.config import EarlyExitConfig, ModelConfig
+from megatron.config import EarlyExitConfig
 from megatron.core.parallel_state import ParallelState
 from megatron.evaluation import EarlyExitLM
 from megatron.model import EarlyExitGPTModel, partition
+from megatron.testing.models import tiny_config
 from megatron.tokenizer.null import NullTokenizer
 
 VOCAB = 40  # NullTokenizer: ids 0..39 plus eod 40
 EXITS = (1, 3)
 NUM_LAYERS = 4
+MODEL_FLAGS = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --max-position-embeddings 16 "
+               "--exit-layer-nums 1 3 --device cpu --tokenizer-type NullTokenizer --vocab-size 40 --random-weights").split()
 
 TASK = [
     {"context": "1 2 3", "choices": [" 4", " 5", " 6"], "gold": 0},
@@ -25,10 +34,10 @@ TASK = [
 
 
 def configs(max_positions=16):
+    """The model, its exits and the tokenizer."""
     tok = NullTokenizer(VOCAB)
-    model = ModelConfig(num_layers=NUM_LAYERS, hidden_size=32, num_attention_heads=4, vocab_size=tok.vocab_size,
-                        make_vocab_size_divisible_by=16, seq_length=max_positions,
-                        max_position_embeddings=max_positions, hidden_dropout=0.0, attention_dropout=0.0, seed=11,
+    model = tiny_config(None, num_layers=NUM_LAYERS, vocab_size=tok.vocab_size, make_vocab_size_divisible_by=16,
+                        seq_length=max_positions, max_position_embeddings=max_positions, seed=11,
                         untie_embeddings_and_output_weights=True)
     return model, EarlyExitConfig(exit_layer_nums=list(EXITS), use_exit_norm=True), tok
 
@@ -46,11 +55,13 @@ def chunks(state=None, pp_in_process=1, max_positions=16):
 
 
 def make_lm(state=None, pp_in_process=1, max_positions=16, **kw):
+    """The ``EarlyExitLM`` over :func:`chunks`; ``kw`` go to the adapter (e.g. ``exit_layer``)."""
     built, st, model, ee, tok = chunks(state, pp_in_process, max_positions)
     return EarlyExitLM(built, st, tok, model, ee, **kw)
 
 
 def write_task(path):
+    """Write :data:`TASK` as a JSON-lines task file at ``path``; its path as a string."""
     path.write_text("".join(json.dumps(item) + "\n" for item in TASK))
     return str(path)
 

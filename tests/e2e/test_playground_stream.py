@@ -4,7 +4,6 @@ prompt shows its first token while the server is still generating (the generatio
 has shown it), then one span per token coloured by its exit, the same exits as ``PUT /api`` gives, and
 the stream's statistics. Skipped without ``node``; the headless-browser test covers the real page."""
 
-import functools
 import json
 import shutil
 import subprocess
@@ -13,18 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from megatron.testing.server import FLAGS, PROMPT, call, start_server
 from megatron.text_generation import server
-from megatron.text_generation.engine import InferenceEngine
 from megatron.text_generation.generation import generate
-from megatron.text_generation.server import InferenceServer
-from megatron.checkpoint.model_loader import load_inference_model
-from megatron.text_generation.server_launch import make_service, model_info, server_args
-
-from tests.unit.test_server_speculative import FLAGS, PROMPT, call
-from tests.unit.test_speculative import one_thread  # noqa: F401 -- autouse: one intra-op thread here too
 
 NODE = shutil.which("node")
-pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed (apt-get install -y nodejs)")
+pytestmark = [pytest.mark.skipif(NODE is None, reason="node is not installed (apt-get install -y nodejs)"),
+              pytest.mark.usefixtures("one_thread")]  # tests/conftest.py: one intra-op thread
 HARNESS = Path(__file__).parent / "assets" / "playground_harness.js"
 SCRIPT = Path(server.__file__).parent / "static" / "playground.js"
 TOKENS = 12
@@ -33,19 +27,18 @@ TOKENS = 12
 @pytest.fixture(scope="module")
 def gated():
     """The server, its generation held after the first token until ``gate`` is set."""
-    args = server_args(FLAGS)
-    run, state, tokenizer, chunks = load_inference_model(args)
-    engine = InferenceEngine(chunks, state, tokenizer, run.model, run.early_exit)
     gate = {"event": threading.Event(), "held": []}
 
-    def held_generate(request, stream=None):
-        def gated_stream(delta):
-            stream(delta)
-            if delta.tokens and not gate["event"].is_set():
-                gate["held"].append(gate["event"].wait(timeout=20))
-        return generate(engine, request, stream=None if stream is None else gated_stream)
+    def hold(engine):
+        def held_generate(request, stream=None):
+            def gated_stream(delta):
+                stream(delta)
+                if delta.tokens and not gate["event"].is_set():
+                    gate["held"].append(gate["event"].wait(timeout=20))
+            return generate(engine, request, stream=None if stream is None else gated_stream)
+        return held_generate
 
-    srv = InferenceServer(make_service(held_generate, state, model_info(args, run, tokenizer)), port=0).start()
+    srv, _ = start_server(FLAGS, wrap=hold)
     yield srv, gate
     srv.stop()
 
