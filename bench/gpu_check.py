@@ -14,7 +14,7 @@ machine, the command, the stages' raw results) and ``<out>/gpu_check.md`` (the t
 
 ``--cpu-smoke`` runs the same stages on the CPU at tiny sizes -- the rung as a dry run
 (``EE_MEGATRON_GPU_TESTS=cpu``), a 2-layer model, a tiny random Llama in place of SmolLM2 -- so the check
-itself is known to run end to end without a GPU (``tests/unit/test_gpu_check.py``). Its figures mean
+itself is known to run end to end without a GPU (``tests/e2e/test_gpu_check.py``). Its figures mean
 nothing.
 
     python bench/gpu_check.py [--out bench/results/gpu_check] [--budget-s 450] [--only train decode]
