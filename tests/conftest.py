@@ -9,6 +9,8 @@ Fixtures (request one by name, or for a whole module with
 - ``served`` (module scope): the real inference server (``megatron/testing/server.py``) over the tiny
   random-weights model of ``megatron.testing.server.FLAGS`` (exits at layers 1 and 3), on a free loopback
   port in a thread of this process, with one intra-op thread; yields the started server (``.url``).
+- ``projections``: counts the vocabulary projections the inference views run, ``{layer: count}`` (the final
+  head under the model's ``num_layers``), for tests of what an exit check computes.
 
 Shared helpers that are not fixtures (tiny configs, engines, oracles, argv builders) live in
 ``megatron/testing/``; ``tests/gpu/conftest.py`` adds the GPU rung's fixtures.
@@ -51,3 +53,26 @@ def served(one_thread):
     srv, _ = start_server()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def projections(monkeypatch):
+    """Counts the vocabulary projections the inference views run, by layer (the final head counted under
+    the model's ``num_layers``): ``{layer: count}``, filled as the test decodes."""
+    from megatron.model import inference
+
+    counts = {}
+    real = inference.head_projection
+
+    def counting(model, layer):
+        project = real(model, layer)
+        key = model.config.num_layers if layer is None else layer
+
+        def run(h):
+            counts[key] = counts.get(key, 0) + 1
+            return project(h)
+
+        return run
+
+    monkeypatch.setattr(inference, "head_projection", counting)
+    return counts

@@ -49,9 +49,12 @@ def test_checkpoint_moved_out_of_training():
 def test_the_model_of_a_rank_is_built_in_one_place():
     """Training, the server, evaluation and the tools construct EarlyExitGPTModel chunks only through
     megatron/checkpoint/model_loader.py (tools/checkpoint/verify.py runs every stage of a FULL dict in one
-    process, which is not a rank's model)."""
+    process, which is not a rank's model). ``megatron/testing`` is the tests' support code: its tiny models
+    are built directly, as the tests build them."""
     sites = []
     for path in _files("megatron", "tools") + [ROOT / "pretrain_early_exit_gpt.py"]:
+        if path.is_relative_to(ROOT / "megatron" / "testing"):
+            continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "EarlyExitGPTModel":
                 sites.append(str(path.relative_to(ROOT)))

@@ -7,7 +7,7 @@ import torch
 
 from megatron.config import EarlyExitConfig
 from megatron.core.parallel_state import ParallelState
-from megatron.model import EarlyExitGPTModel, inference
+from megatron.model import EarlyExitGPTModel
 from megatron.testing.models import tiny_config
 from megatron.text_generation.confidence import MEASURES
 from megatron.text_generation.engine import InferenceEngine
@@ -47,24 +47,6 @@ def model(exit_vocab: bool = True, estimator: bool = True, seed: int = 11) -> Ea
 
 def engine(m):
     return InferenceEngine([m], m.state, NullTokenizer(VOCAB), m.config, m.ee)
-
-
-@pytest.fixture
-def projections(monkeypatch):
-    """Counts the vocabulary projections views run, by head (None: the final head)."""
-    counts = {}
-    real = inference.head_projection
-
-    def counting(m, layer):
-        project = real(m, layer)
-
-        def run(h):
-            counts[layer] = counts.get(layer, 0) + 1
-            return project(h)
-        return run
-
-    monkeypatch.setattr(inference, "head_projection", counting)
-    return counts
 
 
 def test_reduced_vocabulary_exits_project_onto_their_ids_only():
@@ -116,7 +98,7 @@ def test_decoding_with_the_estimator_projects_only_where_an_exit_fires(projectio
     never = generate_tokens(eng, [PROMPT], sampling, EarlyExitParams(use_early_exit=True, early_exit_thres=1.0,
                                                                      confidence="estimator"))
     assert never.exit_layers == [[4] * 6]
-    assert set(projections) == {None}  # no exit ever projected: only the final head
+    assert set(projections) == {4}  # no exit ever projected: only the final head (layer 4)
     projections.clear()
     always = generate_tokens(eng, [PROMPT], sampling, EarlyExitParams(use_early_exit=True, early_exit_thres=0.0,
                                                                       confidence="estimator", exit_layers=[2]))
@@ -131,7 +113,7 @@ def test_the_estimator_floor_filters_the_measure(projections):
     sampling = SamplingParams(tokens_to_generate=6, greedy=True)
     base = dict(use_early_exit=True, early_exit_thres=0.0, confidence="top1")
     closed = generate_tokens(eng, [PROMPT], sampling, EarlyExitParams(**base, estimator_floor=1.0))
-    assert closed.exit_layers == [[4] * 6] and set(projections) == {None}
+    assert closed.exit_layers == [[4] * 6] and set(projections) == {4}
     projections.clear()
     open_ = generate_tokens(eng, [PROMPT], sampling, EarlyExitParams(**base, estimator_floor=0.0))
     plain = generate_tokens(eng, [PROMPT], sampling, EarlyExitParams(**base))

@@ -8,7 +8,6 @@ import torch
 
 from megatron.core.transformer import InferenceParams
 from megatron.evaluation.scoring import ExitScorer
-from megatron.model import inference
 from megatron.text_generation import confidence as conf_mod
 from megatron.text_generation.confidence import Measure
 from megatron.text_generation.generation import generate_tokens
@@ -18,26 +17,6 @@ from megatron.testing.generation import PROMPTS, configs, engine, exits, greedy,
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one intra-op thread
-
-@pytest.fixture
-def projections(monkeypatch):
-    """Counts the vocabulary projections the views run, by exit layer (4: the final head)."""
-    counts = {}
-    real = inference.head_projection
-
-    def counting(model, layer):
-        project = real(model, layer)
-        key = model.config.num_layers if layer is None else layer
-
-        def run(h):
-            counts[key] = counts.get(key, 0) + 1
-            return project(h)
-
-        return run
-
-    monkeypatch.setattr(inference, "head_projection", counting)
-    return counts
-
 
 @pytest.mark.parametrize("arch, ee_kw", [("llama", {"use_exit_block": True}), ("gpt", {"use_exit_mlp": True})])
 def test_a_layer_range_resumes_where_another_stopped(arch, ee_kw):
