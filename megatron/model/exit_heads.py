@@ -29,6 +29,7 @@ from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
+    linear,
     vocab_parallel_cross_entropy,
 )
 from megatron.core.transformer import ExitMLP, InitScope, SeededInit, TransformerLayer, build_norm
@@ -53,7 +54,7 @@ class ExitLinear(nn.Module):
                 p.sequence_parallel = True
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + F.linear(h, self.weight, self.bias)
+        return h + linear(h, self.weight, self.bias)
 
 
 class ExitEstimator(nn.Module):
@@ -74,9 +75,9 @@ class ExitEstimator(nn.Module):
         self.eps = config.norm_epsilon
         self.hidden = nn.Linear(h, width, device=device, dtype=dtype)
         self.output = nn.Linear(width, 1, device=device, dtype=dtype)
-        for name, linear in (("hidden", self.hidden), ("output", self.output)):
-            recipe.normal(layer_number, f"exit_estimator.{name}.weight")(linear.weight)
-            nn.init.zeros_(linear.bias)
+        for name, module in (("hidden", self.hidden), ("output", self.output)):
+            recipe.normal(layer_number, f"exit_estimator.{name}.weight")(module.weight)
+            nn.init.zeros_(module.bias)
 
     def forward(self, trunk: torch.Tensor) -> torch.Tensor:
         """``[..., h]`` -> logits ``[...]`` (fp32)."""
@@ -158,7 +159,7 @@ def lm_logits(h: torch.Tensor, weight: torch.Tensor, tp_group, sequence_parallel
         h = gather_from_sequence_parallel_region(h, tp_group, tensor_parallel_output_grad=True)
     else:
         h = copy_to_tensor_model_parallel_region(h, tp_group)
-    return F.linear(h, weight)
+    return linear(h, weight)
 
 
 def full_vocab_logits(logits: torch.Tensor, tp_group) -> torch.Tensor:

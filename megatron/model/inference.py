@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from megatron.core.tensor_parallel import gather_full_tensor
+from megatron.core.tensor_parallel import gather_full_tensor, linear
 
 from .exit_heads import EarlyExitTransformerLayer, full_vocab_logits, lm_logits
 
@@ -151,7 +151,7 @@ def head_projection(model, exit_layer: int | None) -> Callable[[torch.Tensor], t
     An exit of a model with a filled exit vocabulary (``exit_vocab``, ``--exit-vocab-size K``) projects onto
     those ``K`` token ids only (the rows of its output weight for them, gathered once): the other ids get
     ``-inf``, so every measure and token choice downstream sees the exit's distribution over its vocabulary.
-    On SmolLM2-135M that makes an exit check cost ~0.7 layers instead of ~4 (``tools/measure_exits.py``)."""
+    On SmolLM2-135M with K = 16384 an exit check costs ~2 layers instead of ~6 (``tools/measure_exits.py``)."""
     group, vocab = model.state.tp_group, model.config.vocab_size
     weight = model.output_weight() if exit_layer is None else model.exit_weight(exit_layer)
     reduced = exit_layer is not None and _has_exit_vocabulary(model)
@@ -162,7 +162,7 @@ def head_projection(model, exit_layer: int | None) -> Callable[[torch.Tensor], t
             ids, rows = _exit_vocab_rows(model, weight)
             x = h.transpose(0, 1).reshape(-1, h.shape[-1])
             out = torch.full((x.shape[0], vocab), float("-inf"), dtype=torch.float32, device=x.device)
-            out[:, ids] = torch.nn.functional.linear(x, rows).float()
+            out[:, ids] = linear(x, rows).float()
             return out
         logits = full_vocab_logits(lm_logits(h, weight, group, False), group)  # [b, n, V_padded]
         return logits.reshape(-1, logits.shape[-1])[:, :vocab].float()

@@ -8,6 +8,7 @@ from .layers import (
     VocabParallelEmbedding,
     allreduce_sequence_parallel_grads,
     gather_full_tensor,
+    linear,
 )
 from .mappings import (
     copy_to_tensor_model_parallel_region,
@@ -23,6 +24,7 @@ from .utils import divide, pad_vocab_size, shard_tensor, unshard_tensors, vocab_
 
 __all__ = [
     "gather_full_tensor",
+    "linear",
     "ColumnParallelLinear",
     "RowParallelLinear",
     "VocabParallelEmbedding",
