@@ -19,7 +19,7 @@
 # Environment: WORK (/tmp/ee_tuning_smollm2), CACHE (where the wheel is kept; ~/.cache/ee_megatron),
 # EXIT_LAYERS ("8 12 16 20 24"), GEN_MINUTES (6: bound on step 4), GEN_TOKENS (128 per prompt),
 # TUNE_MINUTES (12), EXIT_VOCAB (16384), THREADS (2: torch threads for steps 4-5; decoding is timed with one),
-# BENCH (1: run step 8, which takes ~15 minutes; 0 skips it), REPEATS (1: timings per pair in step 8, the fastest kept).
+# BENCH (1: run step 8, which takes ~20 minutes; 0 skips it), REPEATS (1: timings per pair in step 8, the fastest kept).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -106,16 +106,11 @@ if [ "$BENCH" != 0 ]; then
   step "8/8 decoding side by side (one torch thread, batch 1, greedy)"
   # The recommended exits and estimator floor of step 7 (all exits and no floor when nothing reached the
   # fidelity floor): early exit with them, top-1 and estimator confidence; self-speculative from two exits.
-  read -r -a RECOMMENDED < <(python - "$WORK/measure/exits.json" <<'PY'
+  { read -r -a RECOMMENDED; read -r -a FLOOR; } < <(python - "$WORK/measure/exits.json" <<'PY'
 import json, sys
-best = json.load(open(sys.argv[1]))["recommended"]
-print(" ".join(map(str, best["exits"])) if best else "")
-PY
-  )
-  read -r -a FLOOR < <(python - "$WORK/measure/exits.json" <<'PY'
-import json, sys
-best = json.load(open(sys.argv[1]))["recommended"]
-print("" if not best or best.get("estimator_floor") is None else best["estimator_floor"])
+best = json.load(open(sys.argv[1]))["recommended"] or {}
+print(" ".join(map(str, best.get("exits", []))))
+print("" if best.get("estimator_floor") is None else best["estimator_floor"])
 PY
   )
   OMP_NUM_THREADS=1 python "$ROOT/bench/bench_smollm2.py" --load "$TUNED" --exit-layers "${RECOMMENDED[@]}" \
